@@ -1,0 +1,175 @@
+"""Engression paper, Figure 4: extrapolation of the conditional median, engression vs L1 regression.
+
+For each function (softplus, square, cubic, log) and each noise model (pre-additive Y = g(X + eps), the paper's
+setting, and post-additive Y = g(X) + eps), train engression and the L1 baseline on x ~ U[0, 2] with several
+seeds, then measure the mean absolute error of the predicted median against the true median on a grid over
+[0, 4], separately inside and outside the training support. Writes a figure like the paper's (true median,
+L1 fit, engression median with its 10-90 % band) and a markdown table, and prints the table.
+
+    python benchmarks/engression_fig4.py                 # all settings, 3 seeds, ~10 CPU minutes on 2 cores
+    python benchmarks/engression_fig4.py --functions softplus --noise pre --seeds 1 --epochs 20   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+FUNCTIONS = ["softplus", "square", "cubic", "log"]
+METHODS = {"engression": "energy", "L1": "l1"}
+
+
+def run_one(job: dict) -> dict:
+    """Train one model and return its median errors and curves on the test grid (runs in a worker process)."""
+    import lightning as L
+    import torch
+
+    from reprozoo.datamodules import SyntheticRegressionDataModule
+    from reprozoo.zoo.engression import EngressionRegressor
+
+    torch.set_num_threads(1)
+    L.seed_everything(job["seed"], verbose=False)
+    dm = SyntheticRegressionDataModule(function=job["function"], noise=job["noise"], seed=job["seed"], n_test=400)
+    model = EngressionRegressor(loss=METHODS[job["method"]], lr=5e-3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=job["epochs"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    seconds = time.perf_counter() - start
+    model.eval()
+    dm.setup("test")
+    grid = dm.splits["test"].tensors[0]  # (N, 1)
+    with torch.no_grad():
+        q = model.predict_quantiles(grid, [0.1, 0.5, 0.9], num_samples=2000)[:, :, 0]  # (N, 3)
+    truth = dm.true_median(grid)[:, 0]
+    err = (q[:, 1] - truth).abs()
+    inside = dm.in_support(grid)[:, 0]
+    x_train, y_train = dm.splits["train"].tensors
+    return {
+        **job,
+        "mae_in": err[inside].mean().item(),
+        "mae_out": err[~inside].mean().item(),
+        "seconds": seconds,
+        "grid": grid[:, 0].tolist(),
+        "truth": truth.tolist(),
+        "true_q10": dm.true_quantile(grid, 0.1)[:, 0].tolist(),
+        "true_q90": dm.true_quantile(grid, 0.9)[:, 0].tolist(),
+        "q10": q[:, 0].tolist(),
+        "median": q[:, 1].tolist(),
+        "q90": q[:, 2].tolist(),
+        "train": (x_train[:600, 0].tolist(), y_train[:600, 0].tolist()),
+    }
+
+
+def _fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def make_table(results: list[dict], args) -> str:
+    lines = [
+        f"Median absolute error vs the true median, mean ± sd over {args.seeds} seed(s); "
+        f"{args.epochs} epochs; train x ~ U[0, 2], test grid on [0, 4].",
+        "",
+        "| function | noise | method | MAE inside [0, 2] | MAE outside (2, 4] | out-of-support ratio engression / L1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for noise in args.noise:
+        for fn in args.functions:
+            rows = {m: [r for r in results if r["function"] == fn and r["noise"] == noise and r["method"] == m] for m in METHODS}
+            ratio = statistics.mean(r["mae_out"] for r in rows["engression"]) / max(
+                statistics.mean(r["mae_out"] for r in rows["L1"]), 1e-12
+            )
+            for m in METHODS:
+                cell = f"{ratio:.2f}" if m == "engression" else ""
+                lines.append(
+                    f"| {fn} | {noise} | {m} | {_fmt([r['mae_in'] for r in rows[m]])} | "
+                    f"{_fmt([r['mae_out'] for r in rows[m]])} | {cell} |"
+                )
+    return "\n".join(lines)
+
+
+def make_figure(results: list[dict], args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = min(r["seed"] for r in results)
+    fig, axes = plt.subplots(len(args.noise), len(args.functions), figsize=(3.6 * len(args.functions), 3.3 * len(args.noise)), squeeze=False)
+    for i, noise in enumerate(args.noise):
+        for j, fn in enumerate(args.functions):
+            ax = axes[i][j]
+            pick = {r["method"]: r for r in results if r["function"] == fn and r["noise"] == noise and r["seed"] == seed}
+            eng, l1 = pick["engression"], pick["L1"]
+            ax.scatter(*eng["train"], s=2, c="0.75", label="training data")
+            ax.plot(eng["grid"], eng["truth"], "k-", lw=2, label="true median")
+            ax.plot(eng["grid"], eng["true_q10"], "k:", lw=1, label="true 10 / 90 %")
+            ax.plot(eng["grid"], eng["true_q90"], "k:", lw=1)
+            ax.plot(l1["grid"], l1["median"], "--", c="tab:blue", lw=1.8, label="L1 regression")
+            ax.plot(eng["grid"], eng["median"], c="tab:red", lw=1.8, label="engression median")
+            ax.fill_between(eng["grid"], eng["q10"], eng["q90"], color="tab:red", alpha=0.18, label="engression 10-90 %")
+            ax.axvline(2.0, c="0.4", ls=":", lw=1)
+            truth = eng["truth"]
+            span = max(truth) - min(truth)
+            ax.set_ylim(min(truth) - 0.4 * span - 1, max(truth) + 0.25 * span + 1)
+            ax.set_title(f"{fn}, {noise}-additive noise", fontsize=10)
+            ax.set_xlabel("x")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Engression vs L1 regression, trained on x in [0, 2] (left of the dotted line)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--functions", nargs="+", default=FUNCTIONS, choices=FUNCTIONS)
+    parser.add_argument("--noise", nargs="+", default=["pre", "post"], choices=["pre", "post"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    jobs = [
+        {"function": fn, "noise": noise, "seed": seed, "method": method, "epochs": args.epochs}
+        for noise in args.noise
+        for fn in args.functions
+        for seed in range(args.seeds)
+        for method in METHODS
+    ]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        results = []
+        for k, result in enumerate(pool.map(run_one, jobs), 1):
+            results.append(result)
+            print(
+                f"[{k}/{len(jobs)}] {result['function']:<8} {result['noise']:<4} seed {result['seed']} "
+                f"{result['method']:<10} MAE in {result['mae_in']:.3f} out {result['mae_out']:.3f} ({result['seconds']:.0f} s)",
+                flush=True,
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = make_table(results, args)
+    (args.out / "engression_fig4.md").write_text(table + "\n")
+    make_figure(results, args, args.out / "engression_fig4.png")
+    print()
+    print(table)
+    print(f"\nwrote {args.out / 'engression_fig4.md'} and {args.out / 'engression_fig4.png'} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

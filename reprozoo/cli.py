@@ -1,0 +1,136 @@
+"""Command line: ``python cli.py {fit,validate,test,predict} --config ...`` (LightningCLI) and ``python cli.py zoo ...``.
+
+Models and datamodules are chosen in subclass mode (``model: {class_path: ..., init_args: ...}``), so any
+LightningModule / LightningDataModule importable by its class path works, ours or the user's. Trainer presets in
+``configs/trainer/`` compose with an experiment config: ``--config configs/trainer/gpu.yaml --config configs/X.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+# Imported so that their classes resolve by short name in configs and on the command line.
+import reprozoo.callbacks  # noqa: F401
+import reprozoo.datamodules  # noqa: F401
+import reprozoo.zoo.engression  # noqa: F401
+from reprozoo.zoo import registry
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "lightning_logs", "name": "reprozoo"},
+    },
+}
+
+
+class ReprozooCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always checkpoint; `--checkpoint.monitor val/...` etc. configure it, last.ckpt is kept for resuming.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="fit only: after training, run the test loop on the final weights",
+        )
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def run_lightning(args: list[str] | None = None) -> ReprozooCLI:
+    return ReprozooCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=args,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- zoo commands
+
+
+def _zoo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reprozoo zoo", description="The reprozoo model zoo.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="list the registered entries")
+    p.add_argument("pattern", nargs="?", help="only names containing this")
+    p = sub.add_parser("info", help="show an entry's card")
+    p.add_argument("name")
+    p = sub.add_parser("export", help="turn a Lightning checkpoint into a zoo weights file and card")
+    p.add_argument("ckpt", help="path of the Lightning checkpoint (.ckpt)")
+    p.add_argument("--name", required=True, help="zoo name, 'method_arch.data'")
+    p.add_argument("--out", default="zoo_exports", help="output folder (default: zoo_exports)")
+    p.add_argument("--module", help="class path, if the checkpoint does not record it")
+    p.add_argument("--url", help="where the weights file will be published (omit: shipped in the package)")
+    p.add_argument("--metric", action="append", default=[], metavar="KEY=VALUE", help="a measured metric (repeat)")
+    p.add_argument("--recipe", help="the config that produced the checkpoint")
+    p.add_argument("--license", default="MIT")
+    p.add_argument("--description", default="")
+    return parser
+
+
+def _parse_metric(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep or not key:
+            raise ValueError
+        return key, float(value)
+    except ValueError:
+        raise SystemExit(f"reprozoo zoo export: --metric expects KEY=NUMBER, got {text!r}") from None
+
+
+def zoo_main(argv: list[str]) -> int:
+    args = _zoo_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            names = registry.list_weights(args.pattern)
+            if not names:
+                print("no zoo entries" + (f" matching {args.pattern!r}" if args.pattern else ""))
+            for name in names:
+                entry = registry.get_weights(name)
+                metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(entry.metrics.items()))
+                where = "packaged" if entry.url is None else "download"
+                print(f"{name:<40} {entry.module.rsplit('.', 1)[-1]:<22} {where:<9} {metrics}")
+        elif args.command == "info":
+            print(json.dumps(registry.get_weights(args.name).to_card(), indent=2, sort_keys=True))
+        else:
+            weights_file, card_file = registry.export_checkpoint(
+                args.ckpt,
+                args.name,
+                args.out,
+                module=args.module,
+                url=args.url,
+                metrics=dict(map(_parse_metric, args.metric)),
+                recipe=args.recipe,
+                license=args.license,
+                description=args.description,
+            )
+            print(f"wrote {weights_file} and {card_file}")
+    except registry.WeightsError as err:
+        print(f"reprozoo zoo {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] == "zoo":
+        return zoo_main(words[1:])
+    run_lightning(None if argv is None else words)  # None: LightningCLI reads sys.argv itself
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

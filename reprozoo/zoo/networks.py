@@ -1,0 +1,99 @@
+"""Networks shared by the methods of the zoo."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+NoiseType = Literal["normal", "uniform"]
+
+
+def _draw_noise(n: int, dim: int, kind: NoiseType, scale: float, like: torch.Tensor) -> torch.Tensor:
+    if kind == "normal":
+        return torch.randn(n, dim, device=like.device, dtype=like.dtype) * scale
+    # uniform on [-scale*sqrt(3), scale*sqrt(3)]: the same standard deviation as the normal choice
+    return (torch.rand(n, dim, device=like.device, dtype=like.dtype) * 2 - 1) * (scale * 3**0.5)
+
+
+class _NoisyLinear(nn.Module):
+    """Linear (+ BatchNorm) whose input is ``[h, eps]`` with fresh noise, or just ``h`` when ``noise_dim == 0``."""
+
+    def __init__(self, in_dim: int, out_dim: int, noise_dim: int, batch_norm: bool):
+        super().__init__()
+        self.noise_dim = noise_dim
+        self.linear = nn.Linear(in_dim + noise_dim, out_dim)
+        self.norm = nn.BatchNorm1d(out_dim) if batch_norm else nn.Identity()
+
+    def forward(self, h: torch.Tensor, noise) -> torch.Tensor:
+        if self.noise_dim:
+            h = torch.cat([h, noise(h.shape[0], self.noise_dim, h)], dim=1)  # (N, in + noise)
+        return self.norm(self.linear(h))
+
+
+class _ResidualBlock(nn.Module):
+    """Two noisy linear layers with a skip connection: h + f(h), then ReLU (the official StoResBlock shape)."""
+
+    def __init__(self, dim: int, noise_dim: int, batch_norm: bool):
+        super().__init__()
+        self.fc1 = _NoisyLinear(dim, dim, noise_dim, batch_norm)
+        self.fc2 = _NoisyLinear(dim, dim, noise_dim, batch_norm)
+
+    def forward(self, h: torch.Tensor, noise) -> torch.Tensor:
+        return torch.relu(h + self.fc2(torch.relu(self.fc1(h, noise)), noise))
+
+
+class StochasticMLP(nn.Module):
+    """Generator ``g(x, eps)`` of engression: an MLP fed with noise (the official ``StoNet``).
+
+    ``num_layer`` counts linear layers as the official code does: an input layer, ``num_layer - 2`` hidden layers,
+    an output layer. With ``resblock=True`` the hidden layers are paired into residual blocks (``num_layer`` is
+    rounded up to an even number). Noise of ``noise_dim`` dimensions is concatenated to the input of the first
+    layer, and with ``noise_every_layer=True`` to the input of every hidden layer as well (the official StoNet does
+    the latter). ``noise_dim=0`` gives a deterministic MLP (the L1/L2 baselines).
+
+    Deviation from the official code: its hidden layers are built as ``[layer] * k``, which repeats *one* module,
+    so all hidden layers share weights; here each hidden layer has its own weights.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        hidden_dim: int = 100,
+        num_layer: int = 2,
+        noise_dim: int = 100,
+        noise_type: NoiseType = "normal",
+        noise_scale: float = 1.0,
+        noise_every_layer: bool = False,
+        resblock: bool = False,
+        batch_norm: bool = True,
+    ):
+        super().__init__()
+        if num_layer < 2:
+            raise ValueError(f"num_layer must be >= 2 (input and output layer), got {num_layer}")
+        self.noise_type, self.noise_scale = noise_type, noise_scale
+        inner_noise = noise_dim if noise_every_layer else 0
+        self.input_layer = _NoisyLinear(in_dim, hidden_dim, noise_dim, batch_norm)
+        num_hidden = num_layer - 2
+        if resblock:
+            self.hidden = nn.ModuleList(
+                _ResidualBlock(hidden_dim, inner_noise, batch_norm) for _ in range((num_hidden + 1) // 2)
+            )
+        else:
+            self.hidden = nn.ModuleList(
+                _NoisyLinear(hidden_dim, hidden_dim, inner_noise, batch_norm) for _ in range(num_hidden)
+            )
+        self.resblock = resblock
+        self.output_layer = nn.Linear(hidden_dim, out_dim)
+
+    def _noise(self, n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+        return _draw_noise(n, dim, self.noise_type, self.noise_scale, like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.input_layer(x, self._noise))  # (N, hidden)
+        for layer in self.hidden:
+            h = layer(h, self._noise) if self.resblock else torch.relu(layer(h, self._noise))
+        return self.output_layer(h)  # (N, out_dim)

@@ -1,0 +1,32 @@
+"""Small builders shared by the tests."""
+
+import lightning as L
+
+from reprozoo.datamodules import SyntheticRegressionDataModule
+from reprozoo.zoo.engression import EngressionRegressor
+
+
+def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def tiny_engression(**kwargs) -> EngressionRegressor:
+    defaults = dict(hidden_dim=16, noise_dim=4, lr=5e-3, eval_samples=20)
+    defaults.update(kwargs)
+    return EngressionRegressor(**defaults)
+
+
+def tiny_data(**kwargs) -> SyntheticRegressionDataModule:
+    defaults = dict(n_train=256, n_val=64, n_test=64, batch_size=64)
+    defaults.update(kwargs)
+    return SyntheticRegressionDataModule(**defaults)

@@ -1,0 +1,150 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reprozoo.cli import main, run_lightning
+from reprozoo.zoo import registry
+from tests.conftest import ROOT
+
+TINY = [
+    "--trainer.max_epochs", "2",
+    "--trainer.check_val_every_n_epoch", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--data.init_args.n_train", "300",
+    "--data.init_args.n_val", "100",
+    "--data.init_args.n_test", "100",
+    "--data.init_args.batch_size", "100",
+]  # fmt: skip
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One real `python cli.py fit` run of the quickstart config, shrunk."""
+    work = tmp_path_factory.mktemp("cli")
+    (work / "configs").symlink_to(ROOT / "configs")
+    done = _cli("fit", "--config", "configs/quickstart.yaml", *TINY, cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (version,) = (work / "lightning_logs" / "quickstart").iterdir()
+    return work, version, done
+
+
+def test_fit_end_to_end(fitted):
+    work, version, done = fitted
+    assert "test/energy_score" in done.stdout and "val/crps" in done.stdout  # printed summary
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    assert (version / "config.yaml").is_file()
+    assert list(version.glob("events.out.tfevents.*"))  # TensorBoard is the default logger
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_other_subcommands_from_checkpoint(fitted, subcommand):
+    work, version, _ = fitted
+    ckpt = version / "checkpoints" / "last.ckpt"
+    done = _cli(subcommand, "--config", "configs/quickstart.yaml", *TINY, "--ckpt_path", str(ckpt), cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if subcommand != "predict":
+        assert f"{'val' if subcommand == 'validate' else 'test'}/energy_score" in done.stdout
+
+
+def test_zoo_export_from_cli_checkpoint(fitted, tmp_path, capsys):
+    _, version, _ = fitted
+    ckpt = version / "checkpoints" / "last.ckpt"
+    code = main(["zoo", "export", str(ckpt), "--name", "engression_cli.tiny", "--out", str(tmp_path), "--metric", "test/crps=0.4"])
+    assert code == 0, capsys.readouterr().err
+    card = json.loads((tmp_path / "engression_cli.tiny.json").read_text())
+    assert card["module"] == "reprozoo.zoo.engression.EngressionRegressor"  # read from the checkpoint
+    assert card["metrics"] == {"test/crps": 0.4}
+    assert card["hparams"]["hidden_dim"] == 100 and card["hparams"]["weights"] is None
+    assert main(["zoo", "export", str(ckpt), "--name", "bad name", "--out", str(tmp_path)]) == 2
+    assert "method_arch.data" in capsys.readouterr().err
+
+
+def test_zoo_list_and_info(capsys):
+    names = registry.list_weights()
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in names)
+    assert main(["zoo", "info", names[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == names[0]
+    assert main(["zoo", "info", "nope.nothing"]) == 2
+    assert "no zoo entry named 'nope.nothing'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "reprozoo"
+    done = subprocess.run([str(script), "zoo", "list"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and registry.list_weights()[0] in done.stdout
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("preset", [None, "cpu", "gpu", "multi_gpu", "tpu"])
+def test_every_config_parses_and_composes_with_presets(config, preset, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ["fit"] + (["--config", f"configs/trainer/{preset}.yaml"] if preset else []) + ["--config", config]
+    with pytest.raises(SystemExit) as info:
+        run_lightning(args + ["--print_config"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: reprozoo." in printed
+    if preset == "multi_gpu":
+        assert "strategy: ddp" in printed
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.init_args.loss", "huber"], "loss"),
+        (["--model.init_args.betta", "1.0"], "betta"),
+        (["--data.init_args.function", "sine"], "function"),
+        (["--trainer.max_epochs", "many"], "max_epochs"),
+    ],
+)
+def test_bad_config_values_name_the_field(override, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as info:
+        run_lightning(["fit", "--config", "configs/quickstart.yaml", *override])
+    assert info.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_out_of_range_value_names_the_field(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="EngressionRegressor: beta must be in \\(0, 2\\)"):
+        run_lightning(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.beta", "3.0"])
+
+
+def test_head_mode_from_config_trains_exports_and_reloads(tmp_path, monkeypatch):
+    """A backbone given by class_path survives checkpoint -> zoo export -> load_model (hparams stay plain data)."""
+    monkeypatch.chdir(ROOT)
+    cli = run_lightning(
+        [
+            "fit",
+            "--config", "configs/quickstart.yaml",
+            *TINY,
+            "--test_after_fit", "false",
+            "--model.init_args.in_dim", "8",
+            "--model.init_args.backbone", '{"class_path": "torch.nn.Linear", "init_args": {"in_features": 1, "out_features": 8}}',
+            "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+        ]
+    )  # fmt: skip
+    assert cli.model.hparams.backbone["class_path"] == "torch.nn.Linear"
+    weights_file, _ = registry.export_checkpoint(
+        tmp_path / "ckpt" / "last.ckpt", "engression_head.tiny", tmp_path / "zoo"
+    )
+    payload = registry.read_weights_file(weights_file)
+    model = registry.build_module(payload["module"], payload["hparams"])
+    registry.load_state(model, payload["state_dict"], "test")
+    assert torch.equal(model.backbone.weight, cli.model.backbone.weight)

@@ -1,0 +1,159 @@
+import json
+import urllib.request
+
+import pytest
+import torch
+
+from reprozoo.zoo import registry
+from reprozoo.zoo.engression import EngressionRegressor
+from reprozoo.zoo.registry import WeightsError
+from tests.helpers import tiny_data, tiny_engression, tiny_trainer
+
+CLASS = "reprozoo.zoo.engression.EngressionRegressor"
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = tiny_engression()
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, datamodule=tiny_data())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path, model
+
+
+@pytest.fixture
+def exported(checkpoint, tmp_path):
+    """An exported entry, registered as if it lived behind a URL (a file:// URL to a 'server' folder)."""
+    ckpt, model = checkpoint
+    server = tmp_path / "server"
+    weights_file, card_file = registry.export_checkpoint(
+        ckpt, "engression_test.tiny", server, module=CLASS, metrics={"test/energy_score": 0.5}, recipe="configs/x.yaml"
+    )
+    card = json.loads(card_file.read_text())
+    card["url"] = weights_file.as_uri()
+    entry = registry.register_weights(registry.WeightsEntry.from_card(card), overwrite=True)
+    yield entry, weights_file, model
+    registry._REGISTRY.pop(entry.name, None)
+
+
+def test_export_writes_slim_file_and_card(exported):
+    entry, weights_file, model = exported
+    payload = torch.load(weights_file, weights_only=True)
+    assert set(payload) == {"format", "module", "hparams", "state_dict"}  # no optimizer or loop state
+    assert payload["module"] == CLASS
+    assert set(payload["state_dict"]) == set(model.state_dict())
+    assert entry.sha256 == registry.sha256_file(weights_file) and len(entry.sha256) == 64
+    assert entry.metrics == {"test/energy_score": 0.5} and entry.recipe == "configs/x.yaml"
+    assert entry.size_bytes == weights_file.stat().st_size
+
+
+def test_roundtrip_gives_identical_predictions(exported, tmp_path):
+    entry, _, model = exported
+    loaded = registry.load_model(entry.name, offline=False, cache_dir=tmp_path / "cache")
+    assert isinstance(loaded, EngressionRegressor) and not loaded.training
+    x = torch.linspace(0, 4, 33)[:, None]
+    model.eval()
+    torch.manual_seed(123)
+    expected = model.sample(x, 10)
+    torch.manual_seed(123)
+    assert torch.equal(loaded.sample(x, 10), expected)
+    # second load comes from the cache, verified, without downloading again
+    (tmp_path / "server" / entry.file).unlink()
+    assert isinstance(registry.load_model(entry.name, offline=True, cache_dir=tmp_path / "cache"), EngressionRegressor)
+
+
+def test_offline_never_downloads(exported, tmp_path, monkeypatch):
+    entry, _, _ = exported
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("network touched in offline mode")
+
+    monkeypatch.setattr(urllib.request, "urlopen", forbidden)
+    with pytest.raises(WeightsError, match="offline") as info:
+        registry.load_model(entry.name, cache_dir=tmp_path / "cache")  # REPROZOO_OFFLINE=1 from conftest
+    assert str(tmp_path / "cache" / entry.file) in str(info.value) and entry.url in str(info.value)
+    monkeypatch.setenv("REPROZOO_OFFLINE", "0")
+    with pytest.raises(WeightsError, match="offline"):
+        registry.load_model(entry.name, offline=True, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_hash_mismatch_refused_and_nothing_left_behind(exported, tmp_path):
+    entry, weights_file, _ = exported
+    data = bytearray(weights_file.read_bytes())
+    data[-10] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    with pytest.raises(WeightsError) as info:
+        registry.load_model(entry.name, offline=False, cache_dir=cache)
+    message = str(info.value)
+    assert "sha256 mismatch" in message and entry.sha256 in message and registry.sha256_file(weights_file) in message
+    assert list(cache.iterdir()) == []  # the bad download was never renamed into place, the temp file removed
+
+
+def test_tampered_cache_file_refused(exported, tmp_path):
+    entry, _, _ = exported
+    cache = tmp_path / "cache"
+    registry.load_model(entry.name, offline=False, cache_dir=cache)
+    cached = cache / entry.file
+    cached.write_bytes(cached.read_bytes()[:-100])  # truncated
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        registry.load_model(entry.name, offline=True, cache_dir=cache)
+
+
+def test_weights_file_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": registry.FORMAT, "module": CLASS, "hparams": {}, "state_dict": {}, "x": Evil()}, path)
+    with pytest.raises(WeightsError, match="not a readable reprozoo weights file"):
+        registry.read_weights_file(path)
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(WeightsError, match="format"):
+        registry.read_weights_file(path)
+
+
+def test_unknown_name_suggests_close_ones(exported):
+    with pytest.raises(WeightsError, match="Did you mean 'engression_test.tiny'"):
+        registry.get_weights("engression_test.tinny")
+
+
+def test_export_refuses_without_class_and_bad_names(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    with pytest.raises(WeightsError, match="does not record its module class"):
+        registry.export_checkpoint(ckpt, "engression_x.y", tmp_path / "out")
+    with pytest.raises(WeightsError, match="method_arch.data"):
+        registry.export_checkpoint(ckpt, "no dots here", tmp_path / "out", module=CLASS)
+
+
+def test_strict_loading_refuses_other_architecture(exported, tmp_path):
+    entry, weights_file, _ = exported
+    payload = torch.load(weights_file, weights_only=True)
+    payload["hparams"]["hidden_dim"] = 32
+    torch.save(payload, weights_file)
+    card = entry.to_card() | {"sha256": registry.sha256_file(weights_file)}
+    registry.register_weights(registry.WeightsEntry.from_card(card), overwrite=True)
+    with pytest.raises(WeightsError, match="does not fit EngressionRegressor"):
+        registry.load_model(entry.name, offline=False, cache_dir=tmp_path / "cache2")
+
+
+def test_fine_tune_from_zoo_weights(exported, tmp_path, monkeypatch):
+    entry, _, model = exported
+    monkeypatch.setenv("REPROZOO_CACHE", str(tmp_path / "cache3"))
+    monkeypatch.setenv("REPROZOO_OFFLINE", "0")
+    start = tiny_engression(weights=entry.name)
+    for key, value in model.state_dict().items():
+        assert torch.equal(start.state_dict()[key], value), key
+    assert start.hparams.weights == entry.name
+    with pytest.raises(WeightsError, match="does not fit"):
+        tiny_engression(hidden_dim=8, weights=entry.name)
+
+
+def test_bad_card_is_refused(tmp_path):
+    card = tmp_path / "bad.json"
+    card.write_text(json.dumps({"name": "a.b", "module": CLASS, "hparams": {}, "sha256": "0" * 64, "fil": "x"}))
+    with pytest.raises(WeightsError, match="missing keys \\['file'\\]"):
+        registry.register_weights(card)
