@@ -55,6 +55,12 @@ def test_other_subcommands_from_checkpoint(fitted, subcommand):
     assert done.returncode == 0, done.stderr[-3000:]
     if subcommand != "predict":
         assert f"{'val' if subcommand == 'validate' else 'test'}/energy_score" in done.stdout
+    else:
+        (written,) = (work / "lightning_logs" / "quickstart").glob("version_*/predictions.pt")
+        saved = torch.load(written, weights_only=True)
+        samples = torch.cat(saved["predictions"][0])  # one dataloader: the test grid
+        assert samples.shape == (100, 100, 1)  # 100 grid points, eval_samples=100, y is 1-d
+        assert sorted(i for batch in saved["batch_indices"][0] for i in batch) == list(range(100))
 
 
 def test_zoo_export_from_cli_checkpoint(fitted, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Callbacks that work with any LightningModule and any logger."""
 
+from reprozoo.callbacks.predictions import PredictionWriter
 from reprozoo.callbacks.summary import MetricsSummary
 
-__all__ = ["MetricsSummary"]
+__all__ = ["MetricsSummary", "PredictionWriter"]

@@ -21,6 +21,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+import torchmetrics
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanMetric
 from torchmetrics.regression import ContinuousRankedProbabilityScore
@@ -97,19 +98,15 @@ class _DistributionMetrics(nn.Module):
         inside = ((y >= bounds[0]) & (y <= bounds[1])).float().mean(dim=1)
         self.coverage.update(inside)
 
-    def compute(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}/energy_score": self.energy_score.compute(), f"{prefix}/median_mae": self.median_mae.compute()}
+    def by_name(self, prefix: str) -> dict[str, torchmetrics.Metric]:
+        """The metric objects under their logged names; Lightning computes, syncs and resets them per epoch."""
+        out = {f"{prefix}/energy_score": self.energy_score, f"{prefix}/median_mae": self.median_mae}
         if self.crps is not None:
-            out[f"{prefix}/crps"] = self.crps.compute()
+            out[f"{prefix}/crps"] = self.crps
         for metric, level in zip(self.pinball, self.quantiles):
-            out[f"{prefix}/pinball_q{level:g}"] = metric.compute()
-        out[f"{prefix}/coverage{round(self.interval * 100)}"] = self.coverage.compute()
+            out[f"{prefix}/pinball_q{level:g}"] = metric
+        out[f"{prefix}/coverage{round(self.interval * 100)}"] = self.coverage
         return out
-
-    def reset(self) -> None:
-        for metric in self.modules():
-            if hasattr(metric, "reset") and metric is not self:
-                metric.reset()
 
 
 # ------------------------------------------------------------------------------------------------------- the module
@@ -320,25 +317,18 @@ class EngressionRegressor(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, batch, metrics: _DistributionMetrics) -> None:
+    def _eval_step(self, batch, metrics: _DistributionMetrics, prefix: str) -> None:
         x, y = self._split(batch)
         metrics.update(self.sample(x), y.reshape(len(y), -1))
+        logged = metrics.by_name(prefix)
+        self.log(f"{prefix}/energy_score", logged.pop(f"{prefix}/energy_score"), prog_bar=True, batch_size=len(y))
+        self.log_dict(logged, batch_size=len(y))
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics)
+        self._eval_step(batch, self.val_metrics, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute("val")  # torchmetrics has already reduced over ranks
-        self.log("val/energy_score", values.pop("val/energy_score"), prog_bar=True)
-        self.log_dict(values)
-        self.val_metrics.reset()
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute("test"))
-        self.test_metrics.reset()
+        self._eval_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch if isinstance(batch, torch.Tensor) else self._split(batch)[0] if isinstance(batch, dict) else batch[0]

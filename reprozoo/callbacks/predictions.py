@@ -1,0 +1,48 @@
+"""Save what ``predict_step`` returns, so that ``python cli.py predict`` leaves its results on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write the outputs of ``predict_step`` to ``<output_dir>/predictions.pt`` (``predictions_rank<r>.pt`` per
+    process under DDP), as ``{"predictions": [...], "batch_indices": [...]}``: one entry per dataloader, each a
+    list over batches, and the dataset indices of each batch so that shards can be put back in order.
+
+    ``output_dir`` defaults to the trainer's log directory. ``write_interval="batch"`` writes
+    ``predictions_batch<i>.pt`` files as it goes instead (for outputs larger than memory).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike | None = None, write_interval: Literal["batch", "epoch"] = "epoch"):
+        super().__init__(write_interval)
+        self.output_dir = output_dir
+
+    def _dir(self, trainer: L.Trainer) -> Path:
+        path = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _name(self, trainer: L.Trainer, stem: str) -> str:
+        return f"{stem}_rank{trainer.global_rank}.pt" if trainer.world_size > 1 else f"{stem}.pt"
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx: int, dataloader_idx: int) -> None:
+        stem = f"predictions_dl{dataloader_idx}_batch{batch_idx}"
+        torch.save({"predictions": prediction, "batch_indices": batch_indices}, self._dir(trainer) / self._name(trainer, stem))
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        # Lightning flattens the predictions (not the indices) of a single dataloader; keep one layout for both:
+        # a list per dataloader of a list per batch.
+        if predictions and not isinstance(predictions[0], list):
+            predictions = [predictions]
+        if batch_indices and batch_indices[0] and not isinstance(batch_indices[0][0], list):
+            batch_indices = [batch_indices]
+        path = self._dir(trainer) / self._name(trainer, "predictions")
+        torch.save({"predictions": predictions, "batch_indices": batch_indices}, path)
+        print(f"PredictionWriter: wrote {path}", flush=True)
