@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 import reprozoo.callbacks  # noqa: F401
 import reprozoo.datamodules  # noqa: F401
 import reprozoo.zoo.engression  # noqa: F401
+import reprozoo.zoo.trm  # noqa: F401
 from reprozoo.zoo import registry
 
 TRAINER_DEFAULTS = {

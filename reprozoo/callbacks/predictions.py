@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -18,11 +19,21 @@ class PredictionWriter(BasePredictionWriter):
 
     ``output_dir`` defaults to the trainer's log directory. ``write_interval="batch"`` writes
     ``predictions_batch<i>.pt`` files as it goes instead (for outputs larger than memory).
+    ``format="csv"`` writes ``predictions.csv`` instead, for ``predict_step`` outputs that are dicts of equal-length
+    lists or 1-d tensors (one row per example, with its dataset ``index`` and ``dataloader`` as first columns).
     """
 
-    def __init__(self, output_dir: str | os.PathLike | None = None, write_interval: Literal["batch", "epoch"] = "epoch"):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike | None = None,
+        write_interval: Literal["batch", "epoch"] = "epoch",
+        format: Literal["pt", "csv"] = "pt",
+    ):
         super().__init__(write_interval)
+        if format == "csv" and write_interval != "epoch":
+            raise ValueError("PredictionWriter: format='csv' needs write_interval='epoch'")
         self.output_dir = output_dir
+        self.format = format
 
     def _dir(self, trainer: L.Trainer) -> Path:
         path = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
@@ -44,5 +55,27 @@ class PredictionWriter(BasePredictionWriter):
         if batch_indices and batch_indices[0] and not isinstance(batch_indices[0][0], list):
             batch_indices = [batch_indices]
         path = self._dir(trainer) / self._name(trainer, "predictions")
-        torch.save({"predictions": predictions, "batch_indices": batch_indices}, path)
+        if self.format == "csv":
+            path = path.with_suffix(".csv")
+            self._write_csv(path, predictions, batch_indices)
+        else:
+            torch.save({"predictions": predictions, "batch_indices": batch_indices}, path)
         print(f"PredictionWriter: wrote {path}", flush=True)
+
+    @staticmethod
+    def _write_csv(path: Path, predictions, batch_indices) -> None:
+        columns, rows = None, []
+        for dl, (outputs, indices) in enumerate(zip(predictions, batch_indices)):
+            for out, idx in zip(outputs, indices):
+                if not isinstance(out, dict):
+                    raise TypeError("PredictionWriter(format='csv') needs predict_step to return a dict of lists")
+                values = {k: v.tolist() if isinstance(v, torch.Tensor) else list(v) for k, v in out.items()}
+                columns = columns or list(values)
+                for j, i in enumerate(idx):
+                    rows.append([i, dl] + [values[c][j] for c in columns])
+        tmp = path.with_suffix(".csv.part")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["index", "dataloader"] + (columns or []))
+            writer.writerows(rows)
+        os.replace(tmp, path)  # never leave a half-written file under the final name

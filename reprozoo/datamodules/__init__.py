@@ -1,5 +1,6 @@
 """LightningDataModules: real data loaders and the papers' synthetic problems."""
 
+from reprozoo.datamodules.sudoku import SudokuExtremeDataModule
 from reprozoo.datamodules.synthetic import SyntheticRegressionDataModule
 
-__all__ = ["SyntheticRegressionDataModule"]
+__all__ = ["SudokuExtremeDataModule", "SyntheticRegressionDataModule"]

@@ -1,0 +1,564 @@
+"""Tiny Recursive Models (TRM): recursive reasoning with a 2-layer network and deep supervision.
+
+Jolicoeur-Martineau, "Less is More: Recursive Reasoning with Tiny Networks" (2025), and the official code
+(SamsungSAILMontreal/TinyRecursiveModels), sudoku MLP variant.
+
+One network f (2 blocks) is applied recursively to an answer embedding y and a latent z, both (B, P + L, D):
+
+    latent recursion:  n times  z = f(z, y + x);  then  y = f(y, z)
+    deep recursion:    T - 1 latent recursions without gradient, then one with gradient
+    deep supervision:  up to N_sup deep recursions per batch, each followed by a loss and an optimizer step,
+                       (y, z) carried over detached; a learned halting head on y decides when to stop.
+
+Names follow the paper (y, z, n, T, N_sup); the official code calls them z_H, z_L, L_cycles, H_cycles,
+halt_max_steps. Deviations from the official code, all documented where they occur:
+  * AdamW instead of AdamATan2 (not on PyPI for every platform); the same betas, weight decay and warmup.
+  * The puzzle-identifier embedding is a dense ``nn.Embedding`` trained by the same AdamW (own learning rate and
+    weight decay) instead of a sparse embedding with SignSGD; for sudoku there is a single identifier.
+  * Computation in the trainer's precision (fp32 by default; ``--trainer.precision bf16-mixed`` on GPUs)
+    instead of a hard-wired bfloat16 forward.
+  * Deep supervision runs all N_sup steps of a batch inside one ``training_step`` (the paper's pseudo-code)
+    rather than the official streaming "carry" that refills halted slots with new puzzles; per-sample halting,
+    the exploration rule and the loss weights are the official ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics import MeanMetric
+
+from reprozoo.zoo.registry import load_pretrained_into
+
+__all__ = ["TRMConfig", "TinyRecursiveNetwork", "TRMModule", "stablemax_cross_entropy"]
+
+
+@dataclass
+class TRMConfig:
+    vocab_size: int = 11  # 0 pad, 1 blank, 2..10 digits 1..9
+    seq_len: int = 81
+    hidden_size: int = 512
+    num_layers: int = 2
+    expansion: float = 4.0
+    mixer: Literal["mlp", "attention"] = "mlp"  # token mixing: MLP over the sequence axis, or self-attention
+    num_heads: int = 8  # attention only
+    rope_theta: float = 10000.0  # attention only
+    puzzle_emb_len: int = 16  # prefix positions reserved for the puzzle embedding (the official sudoku value)
+    puzzle_emb_ndim: int = 512  # 0: no puzzle-identifier embedding (the prefix positions stay zero)
+    num_puzzle_identifiers: int = 1
+    norm_eps: float = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------- layers
+
+
+def _trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    # Truncated at two standard deviations of the underlying normal, rescaled so that the result has `std`
+    # (the JAX / official initialiser; plain trunc_normal_ would give a smaller spread).
+    if std == 0:
+        return tensor.zero_()
+    raw = std / 0.87962566103423978
+    return nn.init.trunc_normal_(tensor, std=raw, a=-2 * raw, b=2 * raw)
+
+
+def _linear(d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out, bias=bias)
+    _trunc_normal_(layer.weight.data, std=d_in**-0.5)  # truncated LeCun normal
+    if bias:
+        layer.bias.data.zero_()
+    return layer
+
+
+def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # no learnable scale, computed in fp32 (as the official code)
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, dim: int, expansion: float):
+        super().__init__()
+        inner = -(-round(expansion * dim * 2 / 3) // 256) * 256  # rounded up to a multiple of 256
+        self.gate_up = _linear(dim, 2 * inner)
+        self.down = _linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class _RotaryAttention(nn.Module):
+    def __init__(self, cfg: TRMConfig):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"TRM: hidden_size {cfg.hidden_size} must be divisible by num_heads {cfg.num_heads}")
+        self.heads, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        self.qkv = _linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.out = _linear(cfg.hidden_size, cfg.hidden_size)
+        positions = cfg.seq_len + cfg.puzzle_emb_len
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        angles = torch.outer(torch.arange(positions).float(), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # (S, head_dim), rotate-half layout
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def _rope(self, t: torch.Tensor) -> torch.Tensor:  # (B, H, S, hd)
+        half = t.shape[-1] // 2
+        rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+        return t * self.cos.to(t.dtype) + rotated * self.sin.to(t.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, S, hd)
+        attended = F.scaled_dot_product_attention(self._rope(q), self._rope(k), v)  # non-causal
+        return self.out(attended.transpose(1, 2).reshape(b, s, d))
+
+
+class _Block(nn.Module):
+    """Post-norm block: token mixing, then a channel SwiGLU, each followed by RMSNorm without scale."""
+
+    def __init__(self, cfg: TRMConfig):
+        super().__init__()
+        self.mixer_kind, self.eps = cfg.mixer, cfg.norm_eps
+        if cfg.mixer == "mlp":
+            # MLP-mixer over the sequence axis (P + L tokens); its residual norm is taken over that axis too.
+            self.token_mlp = _SwiGLU(cfg.seq_len + cfg.puzzle_emb_len, cfg.expansion)
+        else:
+            self.attention = _RotaryAttention(cfg)
+        self.channel_mlp = _SwiGLU(cfg.hidden_size, cfg.expansion)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, S, D)
+        if self.mixer_kind == "mlp":
+            t = h.transpose(1, 2)  # (B, D, S)
+            h = _rms_norm(t + self.token_mlp(t), self.eps).transpose(1, 2)
+        else:
+            h = _rms_norm(h + self.attention(h), self.eps)
+        return _rms_norm(h + self.channel_mlp(h), self.eps)
+
+
+# ----------------------------------------------------------------------------------------------------- network
+
+
+class TinyRecursiveNetwork(nn.Module):
+    """The network f with its input embedding, output head and halting head; no training logic."""
+
+    def __init__(self, cfg: TRMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.embed_scale = math.sqrt(d)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        _trunc_normal_(self.embed_tokens.weight.data, std=1 / self.embed_scale)
+        if cfg.puzzle_emb_ndim > 0:
+            if cfg.puzzle_emb_ndim > cfg.puzzle_emb_len * d:
+                raise ValueError("TRM: puzzle_emb_ndim must fit into puzzle_emb_len * hidden_size")
+            self.puzzle_emb = nn.Embedding(cfg.num_puzzle_identifiers, cfg.puzzle_emb_ndim)
+            self.puzzle_emb.weight.data.zero_()  # zero init, as the official sparse embedding
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.num_layers))
+        self.lm_head = _linear(d, cfg.vocab_size)
+        self.q_head = _linear(d, 2, bias=True)  # [halt, continue] logits; TRM uses only "halt"
+        self.q_head.weight.data.zero_()
+        self.q_head.bias.data.fill_(-5.0)  # start by never halting
+        # Fixed random initial answer and latent (not trained; saved with the weights).
+        self.register_buffer("y_init", _trunc_normal_(torch.empty(d), std=1.0))
+        self.register_buffer("z_init", _trunc_normal_(torch.empty(d), std=1.0))
+
+    def embed(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor | None = None) -> torch.Tensor:
+        """x: scaled token embeddings behind the puzzle prefix. inputs (B, L) -> (B, P + L, D)"""
+        b = inputs.shape[0]
+        tokens = self.embed_tokens(inputs)  # (B, L, D)
+        prefix = tokens.new_zeros(b, self.cfg.puzzle_emb_len * self.cfg.hidden_size)
+        if self.cfg.puzzle_emb_ndim > 0:
+            ids = puzzle_identifiers if puzzle_identifiers is not None else inputs.new_zeros(b)
+            prefix[:, : self.cfg.puzzle_emb_ndim] = self.puzzle_emb(ids.reshape(b))
+        prefix = prefix.view(b, self.cfg.puzzle_emb_len, self.cfg.hidden_size)
+        return self.embed_scale * torch.cat([prefix, tokens], dim=1)
+
+    def initial_state(self, batch_size: int, generator: torch.Generator | None = None, random: bool = False):
+        """(y, z), each (B, S, D): the fixed buffers, or fresh random ones (best-of-k)."""
+        shape = (batch_size, self.cfg.seq_len + self.cfg.puzzle_emb_len, self.cfg.hidden_size)
+        if not random:
+            return self.y_init.expand(shape).clone(), self.z_init.expand(shape).clone()
+        y = torch.randn(batch_size, 1, shape[2], generator=generator, device=self.y_init.device).expand(shape)
+        z = torch.randn(batch_size, 1, shape[2], generator=generator, device=self.y_init.device).expand(shape)
+        return y.to(self.y_init.dtype).clone(), z.to(self.z_init.dtype).clone()
+
+    def f(self, h: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
+        h = h + injection
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def latent_recursion(self, x, y, z, n: int):
+        for _ in range(n):
+            z = self.f(z, y + x)
+        return self.f(y, z), z
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, n: int, T: int):
+        """One supervision step: T - 1 recursions without gradient, one with.
+        Returns (y, z) detached for the next step, logits (B, L, V) and the halting logit (B,)."""
+        with torch.no_grad():
+            for _ in range(T - 1):
+                y, z = self.latent_recursion(x, y, z, n)
+        y, z = self.latent_recursion(x, y, z, n)
+        logits = self.lm_head(y)[:, self.cfg.puzzle_emb_len :]
+        q_halt = self.q_head(y[:, 0]).float()[:, 0]  # read at the first prefix position
+        return (y.detach(), z.detach()), logits, q_halt
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+
+
+def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy with stablemax, s(x) = x + 1 for x >= 0 and 1 / (1 - x) below, in float64
+    (the official choice against softmax's numerical collapse on small data). (..., V), (...) -> (...)"""
+    x = logits.double()
+    s = torch.where(x < 0, 1 / (1 - x + 1e-30), x + 1)
+    log_probs = torch.log(s / s.sum(-1, keepdim=True))
+    return -log_probs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+
+
+def _softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.long().flatten(), reduction="none").view(labels.shape)
+
+
+# ----------------------------------------------------------------------------------------------------- module
+
+
+class TRMModule(L.LightningModule):
+    """TRM with deep supervision, EMA and halting, for puzzles given as token sequences.
+
+    Batches are dicts ``{"inputs": (B, L), "labels": (B, L), "puzzle_identifiers": (B,)}`` (tokens: 0 pad, 1 blank,
+    2.. values), as :class:`~reprozoo.datamodules.SudokuExtremeDataModule` yields them.
+
+    Args (network): see :class:`TRMConfig`. The defaults are the official sudoku MLP model: 5,028,866 trainable
+        parameters without the puzzle-identifier embedding.
+    Args (recursion): ``n`` latent updates per recursion (official L_cycles = 6), ``T`` recursions per step
+        (H_cycles = 3), ``n_sup`` supervision steps (halt_max_steps = 16); ``n_sup_eval`` (default ``n_sup``) steps
+        at evaluation, which always runs them all; ``halt_exploration_prob`` = 0.1: with this probability a sample
+        draws a minimum number of steps uniformly from 2..N_sup before it may halt.
+    Args (beyond the paper):
+        randomize_depth: draw n, T and N_sup per batch from uniforms centred on the defaults (path independence).
+        curriculum: (n, T) pairs applied over equal parts of training, e.g. ``[[2, 1], [4, 2], [6, 3]]``.
+        eval_k: best-of-k at evaluation, from k latent initialisations (the fixed one and k - 1 random ones);
+            ``eval_select``: ``confidence`` (highest halting probability) or ``vote`` (puzzle-wise majority vote over
+            the k answers, ties broken by confidence).
+        log_alignment: log the Asymptotic Alignment Score at validation: a second run of ``n_sup_eval`` steps from
+            the first run's final (y, z); cosine similarity of the final y's and agreement of the predictions.
+    Args (optimisation): AdamW(lr, betas, weight_decay) with linear warmup over ``warmup_steps`` optimizer steps,
+        a separate ``puzzle_emb_lr`` / ``puzzle_emb_weight_decay`` for the puzzle embedding; ``ema_decay`` (0.999;
+        0 disables) for the weights used in evaluation, ``solve`` and zoo export. The official sudoku recipe:
+        lr 1e-4, weight decay 1.0, betas (0.9, 0.95), warmup 2000, batch 768.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 11,
+        seq_len: int = 81,
+        hidden_size: int = 512,
+        num_layers: int = 2,
+        expansion: float = 4.0,
+        mixer: Literal["mlp", "attention"] = "mlp",
+        num_heads: int = 8,
+        puzzle_emb_len: int = 16,
+        puzzle_emb_ndim: int = 512,
+        num_puzzle_identifiers: int = 1,
+        n: int = 6,
+        T: int = 3,
+        n_sup: int = 16,
+        n_sup_eval: int | None = None,
+        halt_exploration_prob: float = 0.1,
+        loss: Literal["stablemax", "softmax"] = "stablemax",
+        halt_loss_weight: float = 0.5,
+        lr: float = 1e-4,
+        puzzle_emb_lr: float = 1e-4,
+        weight_decay: float = 1.0,
+        puzzle_emb_weight_decay: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 2000,
+        ema_decay: float = 0.999,
+        randomize_depth: bool = False,
+        curriculum: list[tuple[int, int]] | None = None,
+        eval_k: int = 1,
+        eval_select: Literal["confidence", "vote"] = "confidence",
+        log_alignment: bool = False,
+        weights: str | None = None,
+    ):
+        super().__init__()
+        for field, value in {"n": n, "T": T, "n_sup": n_sup, "eval_k": eval_k, "num_layers": num_layers}.items():
+            if value < 1:
+                raise ValueError(f"TRMModule: {field} must be >= 1, got {value}")
+        if n_sup_eval is not None and n_sup_eval < 1:
+            raise ValueError(f"TRMModule: n_sup_eval must be >= 1, got {n_sup_eval}")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"TRMModule: ema_decay must be in [0, 1), got {ema_decay}")
+        if not 0 <= halt_exploration_prob <= 1:
+            raise ValueError(f"TRMModule: halt_exploration_prob must be in [0, 1], got {halt_exploration_prob}")
+        if curriculum is not None and any(len(stage) != 2 or min(stage) < 1 for stage in curriculum):
+            raise ValueError(f"TRMModule: curriculum must be a list of (n, T) pairs >= 1, got {curriculum}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # one optimizer step per supervision step
+
+        self.cfg = TRMConfig(
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            expansion=expansion,
+            mixer=mixer,
+            num_heads=num_heads,
+            puzzle_emb_len=puzzle_emb_len,
+            puzzle_emb_ndim=puzzle_emb_ndim,
+            num_puzzle_identifiers=num_puzzle_identifiers,
+        )
+        self.net = TinyRecursiveNetwork(self.cfg)
+        self.ema = (
+            AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay > 0
+            else None
+        )
+        self.loss_fn = stablemax_cross_entropy if loss == "stablemax" else _softmax_cross_entropy
+        # Training randomness (exploration, depth draws) has its own generator, saved in checkpoints, so that a
+        # resumed run draws exactly what an uninterrupted one would.
+        self._rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))  # follows seed_everything
+        self.val_scores = _PuzzleScores()
+        self.test_scores = _PuzzleScores()
+        if weights:
+            load_pretrained_into(self, weights)
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def eval_net(self) -> TinyRecursiveNetwork:
+        """The weights used for evaluation and solving: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def num_trainable_parameters(self, include_puzzle_emb: bool = False) -> int:
+        return sum(
+            p.numel()
+            for name, p in self.net.named_parameters()
+            if p.requires_grad and (include_puzzle_emb or not name.startswith("puzzle_emb."))
+        )
+
+    def _depth(self) -> tuple[int, int, int]:
+        """(n, T, N_sup) for this training batch."""
+        hp = self.hparams
+        n, T, n_sup = hp.n, hp.T, hp.n_sup
+        if hp.curriculum:
+            stage = min(int(self._progress() * len(hp.curriculum)), len(hp.curriculum) - 1)
+            n, T = hp.curriculum[stage]
+        if hp.randomize_depth:
+            n, T, n_sup = self._draw(n, 2), self._draw(T, 1), self._draw(n_sup, max(1, n_sup // 4))
+        return n, T, n_sup
+
+    def _draw(self, centre: int, spread: int) -> int:
+        return int(torch.randint(max(1, centre - spread), centre + spread + 1, (), generator=self._rng))
+
+    def _progress(self) -> float:
+        trainer = self.trainer
+        if trainer.max_epochs and trainer.max_epochs > 0:
+            return trainer.current_epoch / trainer.max_epochs
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.global_step / trainer.max_steps
+        return 0.0
+
+    @staticmethod
+    def _unpack(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return batch["inputs"], batch.get("labels"), batch.get("puzzle_identifiers")
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        inputs, labels, ids = self._unpack(batch)
+        b = inputs.shape[0]
+        n, T, n_sup = self._depth()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        y, z = self.net.initial_state(b)
+        active = torch.arange(b, device=inputs.device)
+        # Official exploration rule: some samples must run a random minimum number of steps before halting.
+        explore = torch.rand(b, generator=self._rng) < self.hparams.halt_exploration_prob
+        drawn = torch.randint(2, n_sup + 1, (b,), generator=self._rng) if n_sup >= 2 else torch.ones(b, dtype=torch.long)
+        min_steps = torch.where(explore, drawn, 0).to(inputs.device)
+        steps_used = torch.full((b,), n_sup, device=inputs.device)
+        lm_total = halt_total = 0.0
+        first_correct = None
+        for step in range(1, n_sup + 1):
+            x = self.net.embed(inputs[active], None if ids is None else ids[active])
+            (y_a, z_a), logits, q_halt = self.net(x, y[active], z[active], n, T)
+            mask = labels[active] > 0  # pad (0) positions do not count
+            token_loss = self.loss_fn(logits, labels[active]) * mask
+            lm_loss = token_loss.sum(-1) / mask.sum(-1).clamp_min(1)  # (A,)
+            with torch.no_grad():
+                correct = ((logits.argmax(-1) == labels[active]) | ~mask).all(-1)  # whole puzzle right
+            halt_loss = F.binary_cross_entropy_with_logits(q_halt, correct.float(), reduction="none")
+            # Normalised by the batch size (not the active count), as the official 1 / global_batch_size.
+            loss = (lm_loss.sum() + self.hparams.halt_loss_weight * halt_loss.sum()) / b
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.net)
+            lm_total += lm_loss.detach().sum()
+            halt_total += halt_loss.detach().sum()
+            if first_correct is None:
+                first_correct = correct.float().mean()
+            y[active], z[active] = y_a, z_a  # y, z hold no graph: plain in-place bookkeeping
+            halted = (q_halt.detach() > 0) | (step == n_sup)
+            halted &= step >= min_steps[active]
+            steps_used[active[halted]] = step
+            active = active[~halted]
+            if active.numel() == 0:
+                break
+        self.log_dict(
+            {
+                "train/lm_loss": (lm_total / steps_used.sum()).float(),
+                "train/halt_loss": (halt_total / steps_used.sum()).float(),
+                "train/sup_steps": steps_used.float().mean(),
+                "train/exact_acc_step1": first_correct,
+                "train/lr": scheduler.get_last_lr()[0],
+            },
+            prog_bar=False,
+            batch_size=b,
+        )
+        self.log("train/loss", (lm_total / steps_used.sum()).float(), prog_bar=True, batch_size=b)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["trm_rng_state"] = self._rng.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "trm_rng_state" in checkpoint:
+            self._rng.set_state(checkpoint["trm_rng_state"])
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def _run(self, net, inputs, ids, n_sup: int, y=None, z=None):
+        """Full-depth inference: all n_sup steps, no halting. Returns final (y, z), logits and halting logit."""
+        x = net.embed(inputs, ids)
+        if y is None:
+            y, z = net.initial_state(inputs.shape[0])
+        for _ in range(n_sup):
+            (y, z), logits, q_halt = net(x, y, z, self.hparams.n, self.hparams.T)
+        return y, z, logits, q_halt
+
+    @torch.no_grad()
+    def predict_tokens(self, inputs: torch.Tensor, ids: torch.Tensor | None = None, n_sup: int | None = None, k: int | None = None):
+        """Predicted tokens (B, L) and halting confidence (B,), with the EMA weights, best-of-k if k > 1."""
+        net, n_sup = self.eval_net, n_sup or self.hparams.n_sup_eval or self.hparams.n_sup
+        k = k or self.hparams.eval_k
+        candidates, confidences = [], []
+        gen = torch.Generator(device=inputs.device).manual_seed(0)  # reproducible best-of-k
+        for i in range(k):
+            y0, z0 = net.initial_state(inputs.shape[0], generator=gen, random=i > 0)
+            _, _, logits, q_halt = self._run(net, inputs, ids, n_sup, y0, z0)
+            candidates.append(logits.argmax(-1))
+            confidences.append(torch.sigmoid(q_halt))
+        if k == 1:
+            return candidates[0], confidences[0]
+        cand, conf = torch.stack(candidates, 1), torch.stack(confidences, 1)  # (B, k, L), (B, k)
+        if self.hparams.eval_select == "confidence":
+            best = conf.argmax(1)
+        else:
+            best = torch.tensor([_vote(cand[i], conf[i]) for i in range(cand.shape[0])], device=cand.device)
+        rows = torch.arange(cand.shape[0], device=cand.device)
+        return cand[rows, best], conf[rows, best]
+
+    def _evaluate(self, batch: dict, scores: _PuzzleScores, prefix: str) -> None:
+        inputs, labels, ids = self._unpack(batch)
+        n_sup = self.hparams.n_sup_eval or self.hparams.n_sup
+        if self.hparams.eval_k == 1:
+            y, z, logits, q_halt = self._run(self.eval_net, inputs, ids, n_sup)
+            pred, confidence = logits.argmax(-1), torch.sigmoid(q_halt)
+        else:
+            pred, confidence = self.predict_tokens(inputs, ids, n_sup)
+        mask = labels > 0
+        exact = ((pred == labels) | ~mask).all(-1).float()
+        scores.exact.update(exact)
+        scores.cell.update(((pred == labels) & mask).sum(-1) / mask.sum(-1).clamp_min(1))
+        scores.halt.update(((confidence > 0.5).float() == exact).float())
+        logged = {f"{prefix}/exact_acc": scores.exact, f"{prefix}/cell_acc": scores.cell, f"{prefix}/halt_acc": scores.halt}
+        if self.hparams.log_alignment and self.hparams.eval_k == 1:
+            y2, _, logits2, _ = self._run(self.eval_net, inputs, ids, n_sup, y, z)
+            scores.align_cos.update(F.cosine_similarity(y.flatten(1), y2.flatten(1), dim=1))
+            scores.align_pred.update((logits2.argmax(-1) == pred).float().mean(-1))
+            logged |= {f"{prefix}/aas_latent_cos": scores.align_cos, f"{prefix}/aas_pred_agree": scores.align_pred}
+        self.log(f"{prefix}/exact_acc", logged.pop(f"{prefix}/exact_acc"), prog_bar=True, batch_size=len(inputs))
+        self.log_dict(logged, batch_size=len(inputs))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_scores, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_scores, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        from reprozoo.datamodules.sudoku import consistent, decode, is_valid_solution
+
+        inputs, _, ids = self._unpack(batch)
+        pred, confidence = self.predict_tokens(inputs, ids)
+        pred = torch.where(inputs > 1, inputs, pred)  # givens are kept as given
+        questions = [decode(row) for row in inputs.cpu()]
+        solutions = [decode(row) for row in pred.cpu()]
+        valid = [is_valid_solution(s) and consistent(q, s) for q, s in zip(questions, solutions)]
+        return {"question": questions, "solution": solutions, "valid": valid, "confidence": confidence.cpu().tolist()}
+
+    @torch.no_grad()
+    def solve(self, puzzles: Sequence[str], n_sup: int | None = None, k: int = 1, batch_size: int = 256) -> list[str]:
+        """Solve 81-character sudoku strings ('.' or '0' blank) with the EMA weights; returns 81-digit strings
+        (givens kept as given; a wrong answer is still a full grid, check it with ``is_valid_solution``)."""
+        from reprozoo.datamodules.sudoku import decode, encode
+
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for start in range(0, len(puzzles), batch_size):
+                inputs = torch.stack([encode(p) for p in puzzles[start : start + batch_size]]).to(self.device)
+                pred, _ = self.predict_tokens(inputs, None, n_sup, k)
+                pred = torch.where(inputs > 1, inputs, pred.clamp(2, self.cfg.vocab_size - 1))
+                out += [decode(row) for row in pred.cpu()]
+        finally:
+            self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        emb = [p for name, p in self.net.named_parameters() if name.startswith("puzzle_emb.")]
+        rest = [p for name, p in self.net.named_parameters() if not name.startswith("puzzle_emb.")]
+        groups = [{"params": rest, "lr": hp.lr, "weight_decay": hp.weight_decay}]
+        if emb:
+            groups.append({"params": emb, "lr": hp.puzzle_emb_lr, "weight_decay": hp.puzzle_emb_weight_decay})
+        optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))
+        warmup = max(1, hp.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _PuzzleScores(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.exact, self.cell, self.halt = MeanMetric(), MeanMetric(), MeanMetric()
+        self.align_cos, self.align_pred = MeanMetric(), MeanMetric()
+
+
+def _vote(candidates: torch.Tensor, confidence: torch.Tensor) -> int:
+    """Index of the majority answer among k candidates (k, L); ties go to the most confident candidate."""
+    keys = [tuple(row.tolist()) for row in candidates]
+    counts = Counter(keys)
+    top = max(counts.values())
+    tied = [i for i, key in enumerate(keys) if counts[key] == top]
+    return max(tied, key=lambda i: confidence[i].item())
+

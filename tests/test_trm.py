@@ -1,0 +1,212 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from reprozoo.zoo.trm import TRMModule, _softmax_cross_entropy, _vote, stablemax_cross_entropy
+from tests.helpers import tiny_trainer
+
+TINY = dict(hidden_size=32, expansion=2.0, puzzle_emb_ndim=32, n=2, T=2, n_sup=3, warmup_steps=1, lr=1e-3)
+
+
+def _batch(b=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(2, 11, (b, 81), generator=gen)
+    inputs = torch.where(torch.rand(b, 81, generator=gen) < 0.5, labels, torch.ones_like(labels))
+    return {"inputs": inputs, "labels": labels, "puzzle_identifiers": torch.zeros(b, dtype=torch.long)}
+
+
+def _loader(n=16, b=4):
+    batch = _batch(n)
+    items = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    return DataLoader(items, batch_size=b, shuffle=False)
+
+
+def test_official_sudoku_model_has_5028866_parameters():
+    model = TRMModule()
+    assert model.num_trainable_parameters() == 5_028_866
+    assert model.num_trainable_parameters(include_puzzle_emb=True) == 5_028_866 + 512
+    # post-norm without scale: no norm parameters at all; no biases except the halting head's
+    assert all(p.dim() > 1 or name == "q_head.bias" for name, p in model.net.named_parameters())
+
+
+def test_full_size_training_step_runs_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = TRMModule(n_sup=1, warmup_steps=1)
+    trainer = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, _loader(n=2, b=2))
+    assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_attention_variant():
+    model = TRMModule(**(TINY | {"mixer": "attention", "num_heads": 4}))
+    batch = _batch(2)
+    x = model.net.embed(batch["inputs"], batch["puzzle_identifiers"])
+    y, z = model.net.initial_state(2)
+    (y, z), logits, q = model.net(x, y, z, 1, 1)
+    assert logits.shape == (2, 81, 11) and q.shape == (2,) and y.shape == (2, 81 + 16, 32)
+
+
+def test_embeddings_scaled_and_heads_initialised():
+    model = TRMModule(**TINY)
+    batch = _batch(1)
+    x = model.net.embed(batch["inputs"], batch["puzzle_identifiers"])
+    token = batch["inputs"][0, 0]
+    assert torch.allclose(x[0, 16], model.net.embed_tokens.weight[token] * 32**0.5)
+    assert torch.count_nonzero(x[0, :16]) == 0  # zero-initialised puzzle embedding in the prefix
+    assert torch.count_nonzero(model.net.q_head.weight) == 0
+    assert torch.all(model.net.q_head.bias == -5)
+
+
+def test_recursion_does_T_minus_1_passes_without_gradient():
+    n, T = 3, 4
+    model = TRMModule(**(TINY | {"n": n, "T": T}))
+    calls = {True: 0, False: 0}
+    model.net.blocks[0].register_forward_hook(lambda *a: calls.__setitem__(torch.is_grad_enabled(), calls[torch.is_grad_enabled()] + 1))
+    batch = _batch(2)
+    x = model.net.embed(batch["inputs"], batch["puzzle_identifiers"])
+    y, z = model.net.initial_state(2)
+    (y2, z2), logits, _ = model.net(x, y, z, n, T)
+    assert calls == {False: (T - 1) * (n + 1), True: n + 1}
+    assert not y2.requires_grad and not z2.requires_grad and logits.requires_grad
+
+
+def test_latents_carry_detached_across_supervision_steps(tmp_path):
+    model = TRMModule(**(TINY | {"n_sup": 3, "halt_exploration_prob": 0.0}))
+    seen = []
+    forward = model.net.forward
+
+    def recording(x, y, z, n, T):
+        seen.append((y.clone(), y.grad_fn, z.grad_fn))
+        out = forward(x, y, z, n, T)
+        seen.append(("out", out[0][0].clone()))
+        return out
+
+    model.net.forward = recording
+    tiny_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(model, _loader(n=4, b=4))
+    inputs = [s for s in seen if s[0] != "out"]
+    outputs = [s[1] for s in seen if s[0] == "out"]
+    assert len(inputs) == 3  # one batch, three supervision steps (halting head starts at -5: no early halt)
+    assert all(grad_y is None and grad_z is None for _, grad_y, grad_z in inputs)
+    assert torch.equal(inputs[1][0], outputs[0]) and torch.equal(inputs[2][0], outputs[1])
+
+
+def test_one_optimizer_step_per_supervision_step_and_halting(tmp_path):
+    model = TRMModule(**(TINY | {"n_sup": 4, "halt_exploration_prob": 0.0}))
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, _loader(n=8, b=4))
+    assert trainer.global_step == 2 * 4  # two batches, no sample halted before N_sup
+    assert trainer.callback_metrics["train/sup_steps"] == 4
+
+    eager = TRMModule(**(TINY | {"n_sup": 4, "halt_exploration_prob": 0.0}))
+    eager.net.q_head.bias.data.fill_(20.0)  # halting logit > 0 from the start: every sample halts after step 1
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(eager, _loader(n=8, b=4))
+    assert trainer.callback_metrics["train/sup_steps"] == 1 and trainer.global_step == 2
+
+    explore = TRMModule(**(TINY | {"n_sup": 4, "halt_exploration_prob": 1.0}))
+    explore.net.q_head.bias.data.fill_(20.0)  # would halt at once, but every sample must first run 2..N_sup steps
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(explore, _loader(n=8, b=4))
+    assert trainer.callback_metrics["train/sup_steps"] >= 2
+
+
+def test_evaluation_uses_ema_weights_and_full_depth(tmp_path):
+    model = TRMModule(**(TINY | {"n_sup": 2, "n_sup_eval": 5}))
+    tiny_trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(model, _loader(n=8, b=4))
+    ema = model.ema.module
+    assert not all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.net.parameters()))
+    calls = []
+    ema.register_forward_hook(lambda *a: calls.append(1))
+    batch = _batch(3)
+    pred, conf = model.predict_tokens(batch["inputs"], batch["puzzle_identifiers"])
+    assert len(calls) == 5 and pred.shape == (3, 81) and conf.shape == (3,)
+    with torch.no_grad():  # the live weights do not matter for inference
+        for p in model.net.parameters():
+            p.add_(torch.randn_like(p))
+    assert torch.equal(model.predict_tokens(batch["inputs"], batch["puzzle_identifiers"])[0], pred)
+
+
+def test_ema_follows_the_official_update():
+    model = TRMModule(**(TINY | {"ema_decay": 0.9}))
+    before = [p.detach().clone() for p in model.ema.module.parameters()]
+    model.ema.update_parameters(model.net)  # first update copies
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    model.ema.update_parameters(model.net)
+    for e, p, b in zip(model.ema.module.parameters(), model.net.parameters(), before):
+        assert torch.allclose(e, 0.9 * (p - 1.0) + 0.1 * p, atol=1e-6)
+
+
+def test_validation_metrics_and_alignment_score(tmp_path):
+    model = TRMModule(**(TINY | {"n_sup": 2, "log_alignment": True}))
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, _loader(n=4, b=4), _loader(n=8, b=4))
+    m = trainer.callback_metrics
+    assert {"val/exact_acc", "val/cell_acc", "val/halt_acc", "val/aas_latent_cos", "val/aas_pred_agree"} <= set(m)
+    assert 0 <= m["val/cell_acc"] <= 1 and -1 <= m["val/aas_latent_cos"] <= 1
+
+
+def test_best_of_k_and_vote():
+    model = TRMModule(**(TINY | {"eval_k": 3}))
+    batch = _batch(2)
+    pred, conf = model.predict_tokens(batch["inputs"], batch["puzzle_identifiers"])
+    assert pred.shape == (2, 81)
+    cands = torch.tensor([[1, 2], [3, 4], [1, 2], [3, 4], [5, 6]])
+    assert _vote(cands, torch.tensor([0.1, 0.9, 0.2, 0.3, 0.99])) == 1  # 2-2 tie, the more confident wins
+    assert _vote(cands[:3], torch.tensor([0.1, 0.9, 0.2])) in (0, 2)  # majority beats confidence
+
+
+def test_randomized_depth_and_curriculum(tmp_path):
+    model = TRMModule(**(TINY | {"n": 6, "T": 3, "n_sup": 16, "randomize_depth": True}))
+    draws = {model._depth() for _ in range(200)}
+    ns, ts, sups = zip(*draws)
+    assert min(ns) == 4 and max(ns) == 8 and min(ts) == 2 and max(ts) == 4 and min(sups) == 12 and max(sups) == 20
+    cur = TRMModule(**(TINY | {"curriculum": [[2, 1], [4, 2], [6, 3]]}))
+    cur.trainer = type("T", (), {"max_epochs": 9, "current_epoch": 0, "max_steps": -1, "global_step": 0})()
+    seen = []
+    for epoch in (0, 3, 8):
+        cur.trainer.current_epoch = epoch
+        seen.append(cur._depth()[:2])
+    assert seen == [(2, 1), (4, 2), (6, 3)]
+
+
+def test_stablemax_cross_entropy_matches_independent_computation():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=gen) * 4
+    labels = torch.randint(0, 11, (3, 5), generator=gen)
+    x = logits.double().numpy()
+    s = np.where(x >= 0, x + 1, 1 / (1 - x))
+    p = s / s.sum(-1, keepdims=True)
+    expected = -np.log(np.take_along_axis(p, labels.numpy()[..., None], -1))[..., 0]
+    assert np.allclose(stablemax_cross_entropy(logits, labels).numpy(), expected)
+    assert torch.allclose(_softmax_cross_entropy(logits, labels), F.cross_entropy(logits.transpose(1, 2), labels, reduction="none"))
+
+
+def test_resume_continues_identically_with_ema(tmp_path):
+    """Two epochs straight == one epoch, checkpoint, a new process-like start, one more epoch (EMA, optimizer,
+    scheduler and the module's own random draws included)."""
+
+    def run(epochs, ckpt=None, save=None):
+        torch.manual_seed(0)
+        model = TRMModule(**(TINY | {"n_sup": 2, "halt_exploration_prob": 0.5}))
+        trainer = tiny_trainer(tmp_path, max_epochs=epochs, limit_val_batches=0, enable_checkpointing=False)
+        trainer.fit(model, _loader(n=16, b=4), ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return model
+
+    straight = run(2)
+    run(1, save=tmp_path / "half.ckpt")
+    resumed = run(2, ckpt=tmp_path / "half.ckpt")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(k.startswith("ema.") for k in straight.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, field", [({"n": 0}, "n"), ({"ema_decay": 1.0}, "ema_decay"), ({"curriculum": [[2]]}, "curriculum")])
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"TRMModule: {field} must"):
+        TRMModule(**kwargs)
