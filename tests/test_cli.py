@@ -33,9 +33,9 @@ def fitted(tmp_path_factory):
     """One real `python cli.py fit` run of the quickstart config, shrunk."""
     work = tmp_path_factory.mktemp("cli")
     (work / "configs").symlink_to(ROOT / "configs")
-    done = _cli("fit", "--config", "configs/quickstart.yaml", *TINY, cwd=work)
+    done = _cli("fit", "--config", "configs/engression/quickstart.yaml", *TINY, cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
-    (version,) = (work / "lightning_logs" / "quickstart").iterdir()
+    (version,) = (work / "lightning_logs" / "engression_quickstart").iterdir()
     return work, version, done
 
 
@@ -51,12 +51,12 @@ def test_fit_end_to_end(fitted):
 def test_other_subcommands_from_checkpoint(fitted, subcommand):
     work, version, _ = fitted
     ckpt = version / "checkpoints" / "last.ckpt"
-    done = _cli(subcommand, "--config", "configs/quickstart.yaml", *TINY, "--ckpt_path", str(ckpt), cwd=work)
+    done = _cli(subcommand, "--config", "configs/engression/quickstart.yaml", *TINY, "--ckpt_path", str(ckpt), cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     if subcommand != "predict":
         assert f"{'val' if subcommand == 'validate' else 'test'}/energy_score" in done.stdout
     else:
-        (written,) = (work / "lightning_logs" / "quickstart").glob("version_*/predictions.pt")
+        (written,) = (work / "lightning_logs" / "engression_quickstart").glob("version_*/predictions.pt")
         saved = torch.load(written, weights_only=True)
         samples = torch.cat(saved["predictions"][0])  # one dataloader: the test grid
         assert samples.shape == (100, 100, 1)  # 100 grid points, eval_samples=100, y is 1-d
@@ -119,7 +119,7 @@ def test_every_config_parses_and_composes_with_presets(config, preset, capsys, m
 def test_bad_config_values_name_the_field(override, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as info:
-        run_lightning(["fit", "--config", "configs/quickstart.yaml", *override])
+        run_lightning(["fit", "--config", "configs/engression/quickstart.yaml", *override])
     assert info.value.code != 0
     assert message in capsys.readouterr().err
 
@@ -127,7 +127,7 @@ def test_bad_config_values_name_the_field(override, message, capsys, monkeypatch
 def test_out_of_range_value_names_the_field(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(ValueError, match="EngressionRegressor: beta must be in \\(0, 2\\)"):
-        run_lightning(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.beta", "3.0"])
+        run_lightning(["fit", "--config", "configs/engression/quickstart.yaml", "--model.init_args.beta", "3.0"])
 
 
 def test_head_mode_from_config_trains_exports_and_reloads(tmp_path, monkeypatch):
@@ -136,7 +136,7 @@ def test_head_mode_from_config_trains_exports_and_reloads(tmp_path, monkeypatch)
     cli = run_lightning(
         [
             "fit",
-            "--config", "configs/quickstart.yaml",
+            "--config", "configs/engression/quickstart.yaml",
             *TINY,
             "--test_after_fit", "false",
             "--model.init_args.in_dim", "8",
@@ -154,3 +154,41 @@ def test_head_mode_from_config_trains_exports_and_reloads(tmp_path, monkeypatch)
     model = registry.build_module(payload["module"], payload["hparams"])
     registry.load_state(model, payload["state_dict"], "test")
     assert torch.equal(model.backbone.weight, cli.model.backbone.weight)
+
+
+def test_trm_quickstart_end_to_end_shrunk(tmp_path):
+    """The TRM quickstart through the real CLI, shrunk: trains, tests, prints a grid, writes predictions.csv;
+    its checkpoint exports to a zoo file that loads and solves."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    shrink = [
+        "--trainer.max_steps", "4",
+        "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--data.init_args.n_train_generated", "64",
+        "--data.init_args.n_test_generated", "16",
+        "--data.init_args.num_train_puzzles", "48",
+        "--data.init_args.num_val", "16",
+        "--data.init_args.batch_size", "16",
+        "--data.init_args.data_dir", str(tmp_path / "sudoku"),
+    ]  # fmt: skip
+    done = _cli("fit", "--config", "configs/quickstart.yaml", *shrink, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test/exact_acc" in done.stdout and "val/exact_acc" in done.stdout
+    assert "puzzle" in done.stdout and "answer (" in done.stdout  # the printed grid
+    (version,) = (tmp_path / "lightning_logs" / "quickstart").iterdir()
+    ckpt = version / "checkpoints" / "last.ckpt"
+    done = _cli("predict", "--config", "configs/quickstart.yaml", *shrink, "--ckpt_path", str(ckpt), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import csv
+
+    rows = list(csv.DictReader(open(next(version.parent.glob("version_*/predictions.csv")))))
+    assert len(rows) == 16 and {"question", "solution", "valid", "confidence"} <= set(rows[0])
+    assert all(len(r["solution"]) == 81 and r["valid"] in ("True", "False") for r in rows)
+
+    weights_file, card = registry.export_checkpoint(ckpt, "trm_tiny.test", tmp_path / "zoo")
+    payload = registry.read_weights_file(weights_file)
+    assert all(k.startswith("net.") for k in payload["state_dict"])  # EMA weights only, no optimizer, no copy
+    model = registry.build_module(payload["module"], payload["hparams"])
+    registry.load_state(model, payload["state_dict"], "test")
+    assert len(model.solve([r["question"] for r in rows[:3]])) == 3

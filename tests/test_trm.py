@@ -126,6 +126,15 @@ def test_evaluation_uses_ema_weights_and_full_depth(tmp_path):
         for p in model.net.parameters():
             p.add_(torch.randn_like(p))
     assert torch.equal(model.predict_tokens(batch["inputs"], batch["puzzle_identifiers"])[0], pred)
+    from reprozoo.datamodules.sudoku import decode
+
+    puzzles = [decode(row) for row in batch["inputs"]]
+    solved = model.solve(puzzles)
+    with torch.no_grad():  # changing the EMA weights does change what solve returns
+        for p in ema.parameters():
+            p.mul_(-1.0)
+    assert model.solve(puzzles) != solved
+    assert all(len(s) == 81 and all(a == b for a, b in zip(q, s) if a != ".") for q, s in zip(puzzles, solved))
 
 
 def test_ema_follows_the_official_update():

@@ -1,6 +1,7 @@
 """Callbacks that work with any LightningModule and any logger."""
 
 from reprozoo.callbacks.predictions import PredictionWriter
+from reprozoo.callbacks.sudoku import PrintSolvedSudoku
 from reprozoo.callbacks.summary import MetricsSummary
 
-__all__ = ["MetricsSummary", "PredictionWriter"]
+__all__ = ["MetricsSummary", "PredictionWriter", "PrintSolvedSudoku"]

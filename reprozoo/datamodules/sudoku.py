@@ -33,10 +33,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from reprozoo.datamodules._base import _SplitsDataModule
 
 PAD, BLANK = 0, 1
 SEQ_LEN = 81
@@ -658,7 +659,7 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("REPROZOO_CACHE") or Path.home() / ".cache" / "reprozoo") / "data" / "sudoku-extreme"
 
 
-class SudokuExtremeDataModule(L.LightningDataModule):
+class SudokuExtremeDataModule(_SplitsDataModule):
     """Sudoku-Extreme puzzles with the TRM training recipe.
 
     Splits: ``train`` is a seeded subsample of ``num_train_puzzles`` training puzzles. ``val`` (``num_val``
@@ -843,25 +844,6 @@ class SudokuExtremeDataModule(L.LightningDataModule):
         self.splits["val"] = SudokuDataset(tokens(val_q), tokens(val_a))
         self.splits["test"] = SudokuDataset(tokens(test_q), tokens(test_a))
 
-    def _loader(self, split: str, sampler: Sampler[int] | None = None) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        sampler = EpochSampler(len(self.splits["train"]), repeats=hp.train_repeats, shuffle=True, seed=hp.seed)
-        return self._loader("train", sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader("train", sampler=EpochSampler(len(self.splits["train"]), hp.train_repeats, True, hp.seed))

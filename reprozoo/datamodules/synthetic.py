@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from reprozoo.datamodules._base import _SplitsDataModule
 
 FunctionName = Literal["softplus", "square", "cubic", "log"]
 
@@ -32,7 +33,7 @@ TRUE_FUNCTIONS = {
 }
 
 
-class SyntheticRegressionDataModule(L.LightningDataModule):
+class SyntheticRegressionDataModule(_SplitsDataModule):
     """Seeded data from one of the paper's functions; train/val on the support, test on a wider grid.
 
     Args:
@@ -121,24 +122,3 @@ class SyntheticRegressionDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(hp.seed * 1000 + 2)
         grid = torch.linspace(*hp.test_range, hp.n_test).unsqueeze(1)  # (n_test, 1)
         self.splits["test"] = TensorDataset(grid, self.draw_y(grid, gen))
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

@@ -214,9 +214,14 @@ def build_module(class_path: str, hparams: dict[str, Any]) -> torch.nn.Module:
     return instantiate_module(cls, hparams)
 
 
-def load_state(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def load_state(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, *, zoo: bool = True) -> None:
+    """Strict load. Zoo files go through the module's ``load_zoo_state_dict`` when it defines one (the
+    counterpart of ``zoo_state_dict``, e.g. TRM ships only its EMA weights); Lightning checkpoints never do."""
     try:
-        module.load_state_dict(state_dict, strict=True)
+        if zoo and hasattr(module, "load_zoo_state_dict"):
+            module.load_zoo_state_dict(state_dict)
+        else:
+            module.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
         raise WeightsError(
             f"{source} does not fit {type(module).__name__} with these hyperparameters "
@@ -276,8 +281,10 @@ def export_checkpoint(
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
     hparams["weights"] = None
     model = build_module(class_path, hparams)
-    load_state(model, ckpt["state_dict"], str(ckpt_path))
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    load_state(model, ckpt["state_dict"], str(ckpt_path), zoo=False)
+    # What a zoo file holds: the module's choice (zoo_state_dict, e.g. EMA weights only) or its whole state.
+    state = model.zoo_state_dict() if hasattr(model, "zoo_state_dict") else model.state_dict()
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -384,41 +384,43 @@ class TRMModule(L.LightningModule):
         n, T, n_sup = self._depth()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         y, z = self.net.initial_state(b)
-        active = torch.arange(b, device=inputs.device)
         # Official exploration rule: some samples must run a random minimum number of steps before halting.
         explore = torch.rand(b, generator=self._rng) < self.hparams.halt_exploration_prob
         drawn = torch.randint(2, n_sup + 1, (b,), generator=self._rng) if n_sup >= 2 else torch.ones(b, dtype=torch.long)
         min_steps = torch.where(explore, drawn, 0).to(inputs.device)
+        # The whole batch goes through every step (static shapes, as the official fixed-size batch); halted
+        # samples just stop contributing to the loss. The loop ends when no sample is active on any process, so
+        # that all DDP ranks take the same number of optimizer steps.
+        active = torch.ones(b, dtype=torch.bool, device=inputs.device)
         steps_used = torch.full((b,), n_sup, device=inputs.device)
+        mask = labels > 0  # pad (0) positions do not count
         lm_total = halt_total = 0.0
         first_correct = None
         for step in range(1, n_sup + 1):
-            x = self.net.embed(inputs[active], None if ids is None else ids[active])
-            (y_a, z_a), logits, q_halt = self.net(x, y[active], z[active], n, T)
-            mask = labels[active] > 0  # pad (0) positions do not count
-            token_loss = self.loss_fn(logits, labels[active]) * mask
-            lm_loss = token_loss.sum(-1) / mask.sum(-1).clamp_min(1)  # (A,)
+            x = self.net.embed(inputs, ids)
+            (y, z), logits, q_halt = self.net(x, y, z, n, T)
+            token_loss = self.loss_fn(logits, labels) * mask
+            lm_loss = token_loss.sum(-1) / mask.sum(-1).clamp_min(1)  # (B,)
             with torch.no_grad():
-                correct = ((logits.argmax(-1) == labels[active]) | ~mask).all(-1)  # whole puzzle right
+                correct = ((logits.argmax(-1) == labels) | ~mask).all(-1)  # whole puzzle right
             halt_loss = F.binary_cross_entropy_with_logits(q_halt, correct.float(), reduction="none")
+            weight = active.to(lm_loss.dtype)
             # Normalised by the batch size (not the active count), as the official 1 / global_batch_size.
-            loss = (lm_loss.sum() + self.hparams.halt_loss_weight * halt_loss.sum()) / b
+            loss = ((lm_loss + self.hparams.halt_loss_weight * halt_loss) * weight).sum() / b
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             optimizer.step()
             scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.net)
-            lm_total += lm_loss.detach().sum()
-            halt_total += halt_loss.detach().sum()
+            lm_total += (lm_loss.detach() * weight).sum()
+            halt_total += (halt_loss.detach() * weight).sum()
             if first_correct is None:
                 first_correct = correct.float().mean()
-            y[active], z[active] = y_a, z_a  # y, z hold no graph: plain in-place bookkeeping
-            halted = (q_halt.detach() > 0) | (step == n_sup)
-            halted &= step >= min_steps[active]
-            steps_used[active[halted]] = step
-            active = active[~halted]
-            if active.numel() == 0:
+            halted = active & ((q_halt.detach() > 0) | (step == n_sup)) & (step >= min_steps)
+            steps_used[halted] = step
+            active &= ~halted
+            if not self._anyone_active(active):
                 break
         self.log_dict(
             {
@@ -433,12 +435,33 @@ class TRMModule(L.LightningModule):
         )
         self.log("train/loss", (lm_total / steps_used.sum()).float(), prog_bar=True, batch_size=b)
 
+    def _anyone_active(self, active: torch.Tensor) -> bool:
+        count = active.sum()
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        return bool(count > 0)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["trm_rng_state"] = self._rng.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "trm_rng_state" in checkpoint:
             self._rng.set_state(checkpoint["trm_rng_state"])
+
+    def zoo_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a zoo file holds: the evaluation (EMA) weights of the network, under ``net.``; half the size of
+        the full state, and what the official code evaluates and saves too."""
+        return {f"net.{k}": v for k, v in self.eval_net.state_dict().items()}
+
+    def load_zoo_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a zoo file into the network and its EMA copy (fine-tuning then starts from the EMA weights)."""
+        unexpected = [k for k in state if not k.startswith("net.")]
+        if unexpected:
+            raise RuntimeError(f"unexpected keys in a TRM zoo state: {unexpected[:5]}")
+        net_state = {k[len("net.") :]: v for k, v in state.items()}
+        self.net.load_state_dict(net_state, strict=True)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(net_state, strict=True)
 
     # ------------------------------------------------------------------------------------------ inference
 
@@ -507,11 +530,15 @@ class TRMModule(L.LightningModule):
 
         inputs, _, ids = self._unpack(batch)
         pred, confidence = self.predict_tokens(inputs, ids)
-        pred = torch.where(inputs > 1, inputs, pred)  # givens are kept as given
+        pred = self._complete(inputs, pred)
         questions = [decode(row) for row in inputs.cpu()]
         solutions = [decode(row) for row in pred.cpu()]
         valid = [is_valid_solution(s) and consistent(q, s) for q, s in zip(questions, solutions)]
         return {"question": questions, "solution": solutions, "valid": valid, "confidence": confidence.cpu().tolist()}
+
+    def _complete(self, inputs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """A full grid: the givens as given, every other cell the predicted digit (never pad or blank)."""
+        return torch.where(inputs > 1, inputs, pred.clamp(2, self.cfg.vocab_size - 1))
 
     @torch.no_grad()
     def solve(self, puzzles: Sequence[str], n_sup: int | None = None, k: int = 1, batch_size: int = 256) -> list[str]:
@@ -526,7 +553,7 @@ class TRMModule(L.LightningModule):
             for start in range(0, len(puzzles), batch_size):
                 inputs = torch.stack([encode(p) for p in puzzles[start : start + batch_size]]).to(self.device)
                 pred, _ = self.predict_tokens(inputs, None, n_sup, k)
-                pred = torch.where(inputs > 1, inputs, pred.clamp(2, self.cfg.vocab_size - 1))
+                pred = self._complete(inputs, pred)
                 out += [decode(row) for row in pred.cpu()]
         finally:
             self.train(was_training)

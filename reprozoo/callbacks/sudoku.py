@@ -1,0 +1,50 @@
+"""Show a solved sudoku at the end of testing: a picture says more than an accuracy."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def format_grid(grid: str) -> str:
+    """An 81-character grid as 9 lines with box separators ('.' for blanks)."""
+    lines = []
+    for r in range(9):
+        if r in (3, 6):
+            lines.append("------+-------+------")
+        cells = []
+        for c in range(9):
+            ch = grid[r * 9 + c]
+            cells.append(ch if ch not in "0" else ".")
+            if c in (2, 5):
+                cells.append("|")
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+class PrintSolvedSudoku(L.Callback):
+    """After ``test``, solve the first ``num_examples`` puzzles of the test set with the module's
+    ``solve(puzzles)`` (e.g. :class:`~reprozoo.zoo.trm.TRMModule`) and print puzzle and answer side by side,
+    with the verdict (valid, consistent with the givens). Needs a module with a ``solve`` method and a test
+    loader yielding ``{"inputs": (B, 81)}`` sudoku tokens."""
+
+    def __init__(self, num_examples: int = 1):
+        self.num_examples = num_examples
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from reprozoo.datamodules.sudoku import consistent, decode, is_valid_solution
+
+        if not hasattr(pl_module, "solve") or trainer.test_dataloaders is None:
+            return
+        loader = trainer.test_dataloaders[0] if isinstance(trainer.test_dataloaders, list) else trainer.test_dataloaders
+        inputs = next(iter(loader))["inputs"][: self.num_examples]
+        puzzles = [decode(row) for row in inputs]
+        with torch.no_grad():
+            answers = pl_module.solve(puzzles)
+        for puzzle, answer in zip(puzzles, answers):
+            ok = is_valid_solution(answer) and consistent(puzzle, answer)
+            left, right = format_grid(puzzle).splitlines(), format_grid(answer).splitlines()
+            print(f"\n{'puzzle':<24}    {'answer (' + ('solved' if ok else 'NOT a valid solution') + ')'}")
+            print("\n".join(f"{a:<24}    {b}" for a, b in zip(left, right)), flush=True)
