@@ -1,6 +1,7 @@
 """LightningDataModules: real data loaders and the papers' synthetic problems."""
 
+from reprozoo.datamodules.animal_faces import AnimalFacesDataModule
 from reprozoo.datamodules.sudoku import SudokuExtremeDataModule
 from reprozoo.datamodules.synthetic import SyntheticRegressionDataModule
 
-__all__ = ["SudokuExtremeDataModule", "SyntheticRegressionDataModule"]
+__all__ = ["AnimalFacesDataModule", "SudokuExtremeDataModule", "SyntheticRegressionDataModule"]

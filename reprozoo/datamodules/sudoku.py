@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from reprozoo._files import cache_dir, offline, sha256_file, write_atomic
 from reprozoo.datamodules._base import _SplitsDataModule
 
 PAD, BLANK = 0, 1
@@ -478,33 +479,10 @@ def write_sudoku_csv(path: str | os.PathLike, rows: Sequence[tuple[str, str]], s
     """Write (question, answer) strings in the official format, atomically: readers never see a partial file."""
     path = Path(path)
     body = "".join(f"{source},{q},{a},\n" for q, a in rows)
-    _write_atomic(path, (",".join(CSV_HEADER) + "\n" + body).encode("ascii"))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    write_atomic(path, (",".join(CSV_HEADER) + "\n" + body).encode("ascii"))
 
 
 # ----------------------------------------------------------------------------------------------- the hub
-
-
-def _offline() -> bool:
-    return os.environ.get("REPROZOO_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_sidecar(path: str | os.PathLike) -> Path:
@@ -521,7 +499,7 @@ def verify_recorded_sha256(path: str | os.PathLike) -> None:
     if not sidecar.is_file():
         return
     expected = sidecar.read_text().split()[0].lower() if sidecar.read_text().split() else ""
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != expected:
         raise ValueError(
             f"{path} has sha256 {got}, but {sidecar} recorded {expected or '(nothing)'} when it was downloaded: "
@@ -552,7 +530,7 @@ def download_from_hub(name: str, data_dir: str | os.PathLike, hub_url: str = HUB
             raise ValueError(f"{url} does not start with the header {','.join(CSV_HEADER)!r} (got {first[:80]!r})")
         # the record first: a crash between the two renames leaves a record without a file, which the next
         # download overwrites, never a file without its record
-        _write_atomic(sha256_sidecar(dest), f"{digest.hexdigest()}  {name}\n".encode())
+        write_atomic(sha256_sidecar(dest), f"{digest.hexdigest()}  {name}\n".encode())
         os.replace(tmp_name, dest)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
@@ -656,7 +634,7 @@ class EpochSampler(Sampler[int]):
 
 def default_data_dir() -> Path:
     """``$REPROZOO_CACHE/data/sudoku-extreme`` (the cache defaults to ``~/.cache/reprozoo``, as for the zoo)."""
-    return Path(os.environ.get("REPROZOO_CACHE") or Path.home() / ".cache" / "reprozoo") / "data" / "sudoku-extreme"
+    return cache_dir() / "data" / "sudoku-extreme"
 
 
 class SudokuExtremeDataModule(_SplitsDataModule):
@@ -774,7 +752,7 @@ class SudokuExtremeDataModule(_SplitsDataModule):
                 + " Or use source='hub' to download them, or source='generate' for puzzles made locally."
             )
         if missing:
-            if _offline():
+            if offline():
                 raise FileNotFoundError(
                     f"{type(self).__name__}: missing {', '.join(map(str, missing))} and offline mode is on "
                     f"(REPROZOO_OFFLINE), so nothing was downloaded. " + _where_to_put(missing, self.data_dir)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import importlib
 import json
 import os
@@ -25,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from reprozoo import _files
+from reprozoo._files import sha256_file
 
 FORMAT = "reprozoo-weights/1"
 PACKAGE_DIR = Path(__file__).parent / "weights"
@@ -108,22 +110,6 @@ def get_weights(name: str) -> WeightsEntry:
 # ----------------------------------------------------------------------------------------------- files and hashes
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("REPROZOO_CACHE") or Path.home() / ".cache" / "reprozoo")
-
-
-def _offline_default() -> bool:
-    return os.environ.get("REPROZOO_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify(path: Path, expected: str) -> None:
     got = sha256_file(path)
     if got != expected:
@@ -151,14 +137,14 @@ def _download(url: str, dest: Path, expected_sha256: str) -> None:
 def weights_path(name: str, *, offline: bool | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """Local path of the verified weights file of ``name``, downloading it first if needed and allowed."""
     entry = get_weights(name)
-    offline = _offline_default() if offline is None else offline
+    offline = _files.offline() if offline is None else offline
     if entry.url is None:
         path = PACKAGE_DIR / entry.file
         if not path.is_file():
             raise WeightsError(f"zoo entry {name!r} ships inside the package but {path} is missing: reinstall reprozoo")
         _verify(path, entry.sha256)
         return path
-    path = Path(cache_dir or default_cache_dir()) / entry.file
+    path = Path(cache_dir or _files.cache_dir()) / entry.file
     if path.is_file():
         _verify(path, entry.sha256)
         return path
