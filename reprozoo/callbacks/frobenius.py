@@ -23,13 +23,14 @@ def fused_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     dtypes = {t.dtype for t in dense}
     # A float32 result for half inputs; _foreach_norm refuses to narrow float64, so only ask when nothing is wider.
     out_dtype = torch.float32 if dtypes & set(_LOW_PRECISION) and dtypes <= {torch.float32, *_LOW_PRECISION} else None
+    norms = None
     foreach = getattr(torch, "_foreach_norm", None)
-    try:
-        if foreach is None:
-            raise NotImplementedError("torch._foreach_norm is unavailable")
-        norms = list(foreach(dense, 2, dtype=out_dtype))
-    except (NotImplementedError, RuntimeError, TypeError):
-        # Private API: an older/newer torch, or a layout/device it does not cover. Same values, one launch per tensor.
+    if foreach is not None:
+        try:
+            norms = list(foreach(dense, 2, dtype=out_dtype))
+        except (NotImplementedError, RuntimeError, TypeError):
+            pass  # private API: a torch version, layout or device it does not cover
+    if norms is None:  # same values, one launch per tensor
         norms = [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _LOW_PRECISION else None) for t in dense]
     device = norms[0].device
     if any(n.device != device for n in norms):  # model parallel: gather the scalars on one device, still no sync
