@@ -16,11 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 # Imported so that their classes resolve by short name in configs and on the command line.
-import reprozoo.callbacks  # noqa: F401
-import reprozoo.datamodules  # noqa: F401
-import reprozoo.zoo.engression  # noqa: F401
-import reprozoo.zoo.trm  # noqa: F401
-from reprozoo.zoo import registry
+from reprozoo import callbacks, datamodules
+from reprozoo.zoo import classifier, engression, nets, registry, trm
+
+_IMPORTED_FOR_CLASS_PATHS = (callbacks, datamodules, classifier, engression, nets, trm)
 
 TRAINER_DEFAULTS = {
     "logger": {

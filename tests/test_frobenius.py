@@ -66,6 +66,9 @@ class TiedNet(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         self.step_grads[self.trainer.global_step + 1] = self._snapshot(grads=True)
 
+    def on_train_start(self):
+        self.start_weights = self._snapshot()
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.step_weights[self.trainer.global_step] = self._snapshot()
 
@@ -153,6 +156,20 @@ def test_epoch_norms_match_independent_computation(tmp_path):
         from_csv = {k.split("/", 1)[1]: float(v) for k, v in row.items() if k.startswith("frobenius_norm/") and v}
         assert_close(from_csv, entry["norms"])
     assert (Path(logger.log_dir) / "frobenius_norm" / "norms_epoch1.png").is_file()
+
+
+def test_norms_at_the_start_are_kept_for_the_before_after_figure(tmp_path):
+    monitor = FrobeniusNormMonitor()
+    trainer, model = fit(tmp_path, [monitor])
+    assert monitor.initial["step"] == 0
+    assert_close(monitor.initial["norms"], expected(model.start_weights))
+    assert monitor.initial["norms"]["total"] != monitor.history[-1]["norms"]["total"]
+    assert [e["step"] for e in monitor.history] == [4, 8]  # not an entry of the logged history
+    fig = monitor.figure(monitor.history[-1])
+    assert len(fig.axes[0].patches) == 2 * (len(monitor.initial["norms"]) - 1)  # a start and an end bar each
+    restored = FrobeniusNormMonitor()
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.initial == monitor.initial
 
 
 def test_trainable_only_excludes_frozen(tmp_path):

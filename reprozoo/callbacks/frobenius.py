@@ -71,8 +71,9 @@ class FrobeniusNormMonitor(L.Callback):
         log_grad_norm: also ``frobenius_norm_grad/<name>`` and ``frobenius_norm_grad/total``, from ``.grad`` in
             ``on_before_optimizer_step`` (after backward and gradient accumulation, before clipping and the step);
             parameters without a gradient are skipped. In epoch mode the gradient of the last step of the epoch.
-        plot: at the end of ``fit``, draw one bar per parameter (or module) with the total as a horizontal line,
-            save it as ``<log_dir or default_root_dir>/frobenius_norm/norms_epoch<k>.png`` and send it to every
+        plot: at the end of ``fit``, draw one bar per parameter (or module) with the total as a horizontal line
+            (next to it, a lighter bar with the norm at the start of training, when the run started from step 0:
+            the tutorial's before/after comparison; kept in :attr:`initial`, not logged), save it as ``<log_dir or default_root_dir>/frobenius_norm/norms_epoch<k>.png`` and send it to every
             logger whose ``experiment`` has ``add_figure`` (TensorBoard).
         log_scale: a logarithmic y axis for that figure (norms of biases and weights differ by decades).
 
@@ -102,6 +103,7 @@ class FrobeniusNormMonitor(L.Callback):
         self.plot = plot
         self.log_scale = log_scale
         self.history: list[dict[str, Any]] = []
+        self.initial: dict[str, Any] | None = None  # the norms before the first step (a run from step 0)
         self._pending_grad: tuple[int, list[str], torch.Tensor] | None = None  # (step it leads to, labels, norms)
         self._last_step: int | None = None
         self._last_epoch: int | None = None
@@ -186,6 +188,11 @@ class FrobeniusNormMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step  # a batch that does not step (gradient accumulation) logs nothing
         self._pending_grad = None
+        if trainer.global_step == 0 and self.plot:
+            measured = self._measure(self._parameters(pl_module))
+            if measured is not None:
+                labels, vec = measured
+                self.initial = {"step": 0, "epoch": 0, "norms": dict(zip([*labels, "total"], vec.tolist()))}
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if not self.log_grad_norm:
@@ -221,10 +228,11 @@ class FrobeniusNormMonitor(L.Callback):
     # ---- state ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(e) for e in self.history]}
+        return {"history": [dict(e) for e in self.history], "initial": self.initial}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(e) for e in state_dict.get("history", [])]
+        self.initial = state_dict.get("initial")
 
     # ---- figure --------------------------------------------------------------------------------------------
 
@@ -239,23 +247,34 @@ class FrobeniusNormMonitor(L.Callback):
         epoch = self._last_epoch if self._last_epoch is not None else trainer.current_epoch
         return {"step": trainer.global_step, "epoch": epoch, "norms": dict(zip([*labels, "total"], vec.tolist()))}
 
-    def figure(self, entry: dict[str, Any]):
+    def figure(self, entry: dict[str, Any], initial: dict[str, Any] | None = None):
         """The tutorial's "weight size" plot of one :attr:`history` entry: a bar per parameter (or module) and the
-        total as a horizontal line. A ``matplotlib.figure.Figure`` on the Agg canvas, outside pyplot, so it neither
-        needs a display nor changes the user's backend."""
+        total as a horizontal line; with ``initial`` (default: :attr:`initial`, when its labels match), the norms
+        at the start of training as lighter bars beside them. A ``matplotlib.figure.Figure`` on the Agg canvas,
+        outside pyplot, so it neither needs a display nor changes the user's backend."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         norms = dict(entry["norms"])
         total = norms.pop("total")
-        width = min(60.0, max(6.0, 0.3 * len(norms) + 2.0))
+        initial = self.initial if initial is None else initial
+        before = dict(initial["norms"]) if initial is not None and initial is not entry else None
+        if before is not None and set(before) != set(norms) | {"total"}:
+            before = None  # another selection of parameters (e.g. unfrozen since): nothing to compare bar by bar
+        width = min(60.0, max(6.0, (0.45 if before else 0.3) * len(norms) + 2.0))
         fig = Figure(figsize=(width, 4.5), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        positions = range(len(norms))
-        ax.bar(positions, list(norms.values()), color="tab:blue")
+        positions = list(range(len(norms)))
+        if before is not None:
+            ax.bar([p - 0.2 for p in positions], [before[k] for k in norms], width=0.4, color="tab:blue", alpha=0.35,
+                   label="start of training")  # fmt: skip
+            ax.bar([p + 0.2 for p in positions], list(norms.values()), width=0.4, color="tab:blue", label="end")
+            ax.axhline(before["total"], color="tab:red", linestyle=":", alpha=0.5, label=f"total at start = {before['total']:.4g}")
+        else:
+            ax.bar(positions, list(norms.values()), color="tab:blue")
         ax.axhline(total, color="tab:red", linestyle="--", label=f"total = {total:.4g}")
-        ax.set_xticks(list(positions), list(norms), rotation=90, fontsize=7)
+        ax.set_xticks(positions, list(norms), rotation=90, fontsize=7)
         if self.log_scale:
             ax.set_yscale("log")
         ax.set_ylabel("Frobenius norm")

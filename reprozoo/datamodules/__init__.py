@@ -1,7 +1,8 @@
 """LightningDataModules: real data loaders and the papers' synthetic problems."""
 
 from reprozoo.datamodules.animal_faces import AnimalFacesDataModule
+from reprozoo.datamodules.fashion_mnist import FashionMNISTDataModule
 from reprozoo.datamodules.sudoku import SudokuExtremeDataModule
 from reprozoo.datamodules.synthetic import SyntheticRegressionDataModule
 
-__all__ = ["AnimalFacesDataModule", "SudokuExtremeDataModule", "SyntheticRegressionDataModule"]
+__all__ = ["AnimalFacesDataModule", "FashionMNISTDataModule", "SudokuExtremeDataModule", "SyntheticRegressionDataModule"]

@@ -1,0 +1,580 @@
+"""Fashion-MNIST (Xiao et al., 2017) and MNIST (LeCun et al., 1998): 28x28 grey images in 10 classes.
+
+Files: the official idx files, in torchvision's raw layout (``torchvision.datasets.FashionMNIST`` / ``MNIST``)::
+
+    <data_dir>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+    <data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+
+The uncompressed files that torchvision extracts next to them (same names without ``.gz``) are read when the
+``.gz`` ones are absent. Missing files are downloaded, unless ``REPROZOO_OFFLINE`` is set, with torchvision's own
+machinery and lists: its ``mirrors`` and its ``resources`` (file name and md5) of the dataset class, each file into a
+temporary folder first and then moved into ``raw/`` with one rename, so an interrupted download never looks like
+data. Only the files that ``train_source`` needs are fetched.
+
+Every file is read with a small idx reader that checks the magic number (2051 for images, 2049 for labels), the
+dimensions (28 x 28 images) and the exact length, and names the file in any error. Images are kept in memory as
+uint8 (60,000 x 784 bytes = 47 MB at most) and turned into float tensors per item with torch ops, without PIL.
+
+Normalisation constants, the pixel mean and std (in [0, 1]) of the 60,000 official training images:
+MNIST 0.1307 / 0.3081, the values of the PyTorch MNIST example (``pytorch/examples``, ``mnist/main.py``);
+Fashion-MNIST 0.2860 / 0.3530, computed the same way over its training images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torchvision.datasets
+from torch.utils.data import Dataset, get_worker_info
+
+from reprozoo._files import cache_dir, offline
+from reprozoo.datamodules._base import _SplitsDataModule
+
+IMAGE_SIZE = 28
+NUM_CLASSES = 10
+IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+# the official file names (without .gz) of each part, as in torchvision's ``resources``
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DatasetInfo(NamedTuple):
+    title: str
+    torchvision_class: type  # its name is the folder, its mirrors/resources/classes are used as they are
+    mean: float
+    std: float
+
+
+DATASETS = {
+    "fashion_mnist": DatasetInfo("Fashion-MNIST", torchvision.datasets.FashionMNIST, 0.2860, 0.3530),
+    "mnist": DatasetInfo("MNIST", torchvision.datasets.MNIST, 0.1307, 0.3081),
+}
+
+
+def default_data_dir() -> Path:
+    """``$REPROZOO_CACHE/data/mnist`` (torchvision's root: it holds ``MNIST/raw`` and ``FashionMNIST/raw``)."""
+    return cache_dir() / "data" / "mnist"
+
+
+# ----------------------------------------------------------------------------------------------- idx files
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error) as err:  # not gzip, truncated or corrupt stream
+        raise ValueError(f"cannot read the idx file {path}: {type(err).__name__}: {err}") from err
+
+
+def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
+    """The uint8 array of an idx file (``.gz`` or not) whose magic number must be ``magic`` (2051: images of shape
+    (N, 28, 28), 2049: labels of shape (N,)). A wrong magic number, wrong image size or a length that differs from
+    what the header announces (truncated file or trailing bytes) is a ValueError naming the file."""
+    path = Path(path)
+    if magic not in (IMAGES_MAGIC, LABELS_MAGIC):
+        raise ValueError(f"read_idx: magic must be {IMAGES_MAGIC} (images) or {LABELS_MAGIC} (labels), got {magic}")
+    kind, ndim = ("images", 3) if magic == IMAGES_MAGIC else ("labels", 1)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise ValueError(f"{path} is not an idx {kind} file: {len(data)} bytes, fewer than the 4 of the magic number")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise ValueError(
+            f"{path} is not an idx {kind} file: magic number {found} (0x{found:08x}), expected {magic} "
+            f"(0x{magic:08x}: unsigned bytes, {ndim} dimension{'s' if ndim > 1 else ''})"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path} is truncated: {len(data)} bytes, shorter than its {header}-byte header")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    if ndim == 3 and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{path} holds {dims[1]}x{dims[2]} images; expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+    expected = int(np.prod(dims))
+    have = len(data) - header
+    if have != expected:
+        what = "truncated" if have < expected else "longer than its header says"
+        raise ValueError(
+            f"{path} is {what}: its header announces {' x '.join(map(str, dims))} = {expected} bytes of data, "
+            f"the file has {have}"
+        )
+    array = np.frombuffer(data, dtype=np.uint8, count=expected, offset=header).reshape(dims)
+    return torch.from_numpy(array.copy())
+
+
+def read_images(path: str | os.PathLike) -> torch.Tensor:
+    """uint8 (N, 28, 28) of an idx images file (magic 2051)."""
+    return read_idx(path, IMAGES_MAGIC)
+
+
+def read_labels(path: str | os.PathLike) -> torch.Tensor:
+    """long (N,) of an idx labels file (magic 2049); a label outside 0..9 is a ValueError naming the file."""
+    labels = read_idx(path, LABELS_MAGIC)
+    if len(labels) and int(labels.max()) >= NUM_CLASSES:
+        raise ValueError(f"{path} has the label {int(labels.max())}; labels must be in 0..{NUM_CLASSES - 1}")
+    return labels.long()
+
+
+def find_file(raw_folder: Path, name: str) -> Path | None:
+    """``raw_folder/<name>.gz``, else torchvision's extracted ``raw_folder/<name>``, else None."""
+    for candidate in (raw_folder / f"{name}.gz", raw_folder / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def download_files(raw_folder: Path, names: Sequence[str], torchvision_class: type, mirrors: Sequence[str]) -> None:
+    """Download ``<name>.gz`` for each name into ``raw_folder`` with torchvision's ``download_url`` and the md5 of
+    ``torchvision_class.resources``, trying ``mirrors`` in order. Each file lands in a temporary folder of
+    ``raw_folder`` and is moved into place once its md5 matched. OSError listing every mirror's error when a file
+    cannot be had."""
+    from torchvision.datasets.utils import download_url
+
+    md5s = dict(torchvision_class.resources)
+    raw_folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=raw_folder))
+    try:
+        for name in names:
+            filename = f"{name}.gz"
+            errors = []
+            for mirror in mirrors:
+                url = mirror if mirror.endswith("/") else mirror + "/"
+                url += filename
+                try:
+                    download_url(url, str(tmp), filename, md5s[filename])
+                except Exception as err:  # network errors come in many types; torchvision raises RuntimeError on md5
+                    (tmp / filename).unlink(missing_ok=True)
+                    errors.append(f"{url}: {type(err).__name__}: {err}")
+                    continue
+                os.replace(tmp / filename, raw_folder / filename)
+                break
+            else:
+                raise OSError(f"could not download {filename} ({'; '.join(errors) or 'no mirror given'})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of ``n`` of ``labels`` keeping the class proportions: each class gets the floor of its share
+    and the remaining items go to the largest remainders (ties broken at random)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    total = len(labels)
+    quotas, remainders = np.divmod(n * counts, total) if total else (counts * 0, counts * 0)
+    rest = n - int(quotas.sum())
+    order = np.lexsort((rng.random(len(classes)), -remainders))
+    quotas[order[:rest]] += 1
+    picks = [rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False) for c, q in zip(classes, quotas)]
+    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
+
+
+def balanced_pick(
+    labels: np.ndarray, n: int, rng: np.random.Generator, what: str, classes: Sequence[str]
+) -> np.ndarray:
+    """Sorted positions of ``n`` of ``labels``, ``n // 10`` per class and one more for ``n % 10`` classes drawn at
+    random; ValueError starting with ``what`` when a class has too few items."""
+    quotas = np.full(NUM_CLASSES, n // NUM_CLASSES)
+    quotas[rng.permutation(NUM_CLASSES)[: n % NUM_CLASSES]] += 1
+    picks = []
+    for c in range(NUM_CLASSES):
+        pool = np.flatnonzero(labels == c)
+        if len(pool) < quotas[c]:
+            counts = np.bincount(labels, minlength=NUM_CLASSES)
+            raise ValueError(
+                f"{what}: a class-balanced subset of {n} needs {quotas[c]} items of class {c} ({classes[c]}), "
+                f"but there are only {len(pool)} (per class: {counts.tolist()}, {len(labels)} in all)"
+            )
+        picks.append(rng.choice(pool, size=int(quotas[c]), replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def _rest(n: int, taken: np.ndarray) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    keep[taken] = False
+    return np.flatnonzero(keep)
+
+
+# ----------------------------------------------------------------------------------------------- items
+
+
+def shift_image(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``image`` (..., H, W) moved down by ``dy`` and right by ``dx`` pixels (negative: up / left); what comes in
+    from outside is zero."""
+    h, w = image.shape[-2:]
+    out = torch.zeros_like(image)
+    if abs(dy) < h and abs(dx) < w:
+        out[..., max(dy, 0) : h - max(-dy, 0), max(dx, 0) : w - max(-dx, 0)] = image[
+            ..., max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+        ]
+    return out
+
+
+class MNISTLikeDataset(Dataset):
+    """``(image, label)`` items, or ``(image, label, index)`` with ``return_index``, of 28x28 uint8 images.
+
+    The image is float32 (1, 28, 28), or (784,) with ``flatten``: pixels in [0, 1], or ``(p - mean) / std`` with
+    ``normalize``. With ``jitter = k > 0`` each access shifts the image by a uniform random integer in [-k, k] in y
+    and in x (independently), filling with zeros (black, before normalisation), so every epoch sees new shifts.
+    Shifts come from a generator seeded by ``seed`` in the main process, and by ``seed`` and the worker's seed in a
+    loader worker (workers never repeat each other's shifts). ``index`` is the item's position in this dataset.
+
+    ``images`` (uint8 (N, 28, 28)), ``labels`` (long (N,)) and ``source_index`` (long (N,): the position of each
+    item in the official file it came from) are public.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: float = 0.0,
+        std: float = 1.0,
+        normalize: bool = True,
+        flatten: bool = False,
+        jitter: int = 0,
+        return_index: bool = False,
+        seed: int = 0,
+        source_index: torch.Tensor | None = None,
+    ):
+        if images.dtype != torch.uint8 or images.dim() != 3:
+            raise ValueError(
+                f"MNISTLikeDataset: images must be uint8 (N, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        if len(labels) != len(images):
+            raise ValueError(f"MNISTLikeDataset: {len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.source_index = (
+            torch.arange(len(images)) if source_index is None else torch.as_tensor(source_index, dtype=torch.long)
+        )
+        self.mean, self.std, self.normalize, self.flatten = mean, std, normalize, flatten
+        self.jitter, self.return_index, self.seed = jitter, return_index, seed
+        # p / 255 normalised = p * scale - offset
+        self._scale = 1.0 / (255.0 * std) if normalize else 1.0 / 255.0
+        self._offset = mean / std if normalize else 0.0
+        self._labels = self.labels.tolist()
+        self._generator: torch.Generator | None = None
+        self._generator_key: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_generator"] = state["_generator_key"] = None  # each process makes its own
+        return state
+
+    def _shift_generator(self) -> torch.Generator:
+        info = get_worker_info()
+        key = -1 if info is None else int(info.seed)
+        if self._generator is None or self._generator_key != key:
+            entropy = [self.seed, 3] if info is None else [self.seed, 3, int(info.seed)]
+            self._generator = torch.Generator().manual_seed(
+                int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+            )
+            self._generator_key = key
+        return self._generator
+
+    def __getitem__(self, index: int):
+        n = len(self.images)
+        index = int(index)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for {n} items")
+        index %= n
+        image = self.images[index]
+        if self.jitter:
+            dy, dx = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=self._shift_generator()).tolist()
+            image = shift_image(image, dy, dx)
+        x = image.float().mul_(self._scale)
+        if self._offset:
+            x = x.sub_(self._offset)
+        x = x.reshape(-1) if self.flatten else x.unsqueeze(0)
+        return (x, self._labels[index], index) if self.return_index else (x, self._labels[index])
+
+
+# ----------------------------------------------------------------------------------------------- the datamodule
+
+
+class FashionMNISTDataModule(_SplitsDataModule):
+    """Fashion-MNIST or MNIST (``dataset``) as ``(image, label)`` items, from the official idx files.
+
+    Splits with ``train_source="train"`` (the official training file is there):
+
+    * ``val``: a seeded, stratified ``val_size`` (default 5,000) of the official training file.
+    * ``train``: the rest of the training file (55,000 by default), or a seeded class-balanced subset of
+      ``num_train`` of it.
+    * ``test`` (and predict): the official test file (10,000), or a seeded class-balanced subset of ``num_test``.
+
+    Splits with ``train_source="test"``, for machines that have only the official TEST files (e.g. the MNIST test
+    images): the 10,000 test images are split, seeded and stratified (class proportions kept), into disjoint parts:
+
+    * ``test``: ``num_test`` images (default a fifth, 2,000 of 10,000); it depends only on ``seed`` and ``num_test``.
+    * the training part: ``num_train`` images of the rest (default all of it, 8,000), from which a stratified
+      ``val_size`` (default a tenth of the training part, 800 of 8,000) is held out as ``val``; ``train`` is what
+      remains. So ``num_train=8000, num_test=2000`` gives 7,200 train, 800 val and 2,000 test images; pass
+      ``val_size`` to choose (``val_size=0``: no val). Note that here ``num_train`` counts train + val, while with
+      ``train_source="train"`` it counts train alone. Only the two ``t10k-*`` files are needed (and downloaded).
+
+    ``exclude_classes`` then removes those classes from ``train`` only (e.g. the "mythical" digit 3 of Hinton et
+    al.'s distillation paper): val and test keep them, and the remaining training items are exactly those the same
+    seed gives without exclusion (``num_train`` is not topped up).
+
+    Items: float32 (1, 28, 28), or (784,) with ``flatten``, normalised with the dataset's mean and std by default;
+    ``(image, label, index)`` on the train split with ``return_index``, ``index`` being the item's position in the
+    train split (stable: the same for the same files and arguments), for per-example caches. ``jitter = k`` shifts
+    training images by up to k pixels in x and y (zero fill; Hinton et al.'s MNIST teacher used k = 2), anew at
+    every access; val and test are never augmented. ``deterministic_train_transform`` is True when no augmentation
+    is on, i.e. when a cache of per-example outputs on the train split stays valid across epochs.
+
+    Every split is a :class:`MNISTLikeDataset`; ``splits[name].source_index`` gives each item's position in the
+    official file it came from (``self.files[split]`` names the files read).
+
+    Args:
+        dataset: ``"fashion_mnist"`` or ``"mnist"``.
+        data_dir: torchvision's root, the folder holding ``FashionMNIST/raw/`` and ``MNIST/raw/``; default
+            ``$REPROZOO_CACHE/data/mnist``.
+        train_source: ``"train"`` (official split) or ``"test"`` (split the official test file, see above).
+        val_size: held out for val; None = 5,000 with ``train_source="train"``, a tenth of ``num_train`` with
+            ``"test"``.
+        num_train, num_test: see the splits above; None = all.
+        normalize: ``(p - mean) / std`` with p in [0, 1]; MNIST 0.1307 / 0.3081, Fashion-MNIST 0.2860 / 0.3530.
+        flatten: items of shape (784,) instead of (1, 28, 28), for MLPs.
+        jitter: maximal random shift in pixels (0 = none) of training images, in [0, 27].
+        exclude_classes: class numbers (0..9) removed from the train split only.
+        return_index: train items are ``(image, label, index)``.
+        mirrors: where missing files are downloaded from (``<mirror><file>.gz``, md5 checked); default torchvision's
+            ``mirrors`` of the dataset class. Nothing is downloaded with ``REPROZOO_OFFLINE=1``.
+        batch_size, num_workers: for all loaders; train is shuffled.
+        seed: the splits and subsets each derive their own generator from it, and so do the jitter shifts. As in
+            the project's other datamodules, the shuffle order of train (and the jitter drawn inside loader
+            workers, which is seeded by each worker's seed) follow torch's global seed, i.e. ``L.seed_everything``.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["fashion_mnist", "mnist"] = "fashion_mnist",
+        data_dir: str | None = None,
+        train_source: Literal["train", "test"] = "train",
+        val_size: int | None = None,
+        num_train: int | None = None,
+        num_test: int | None = None,
+        normalize: bool = True,
+        flatten: bool = False,
+        jitter: int = 0,
+        exclude_classes: Sequence[int] = (),
+        return_index: bool = False,
+        mirrors: Sequence[str] | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        name = type(self).__name__
+
+        def is_int(value) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        if dataset not in DATASETS:
+            raise ValueError(f"{name}: dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+        if train_source not in FILES:
+            raise ValueError(f"{name}: train_source must be 'train' or 'test', got {train_source!r}")
+        for field, value in {"num_train": num_train, "num_test": num_test}.items():
+            if value is not None and not (is_int(value) and value >= 1):
+                raise ValueError(f"{name}: {field} must be an integer >= 1 or None, got {value!r}")
+        if val_size is not None and not (is_int(val_size) and val_size >= 0):
+            raise ValueError(f"{name}: val_size must be an integer >= 0 or None, got {val_size!r}")
+        if not (is_int(jitter) and 0 <= jitter < IMAGE_SIZE):
+            raise ValueError(
+                f"{name}: jitter must be an integer number of pixels in [0, {IMAGE_SIZE - 1}], got {jitter!r}"
+            )
+        if isinstance(exclude_classes, (str, bytes)) or not isinstance(exclude_classes, Iterable) or not all(
+            is_int(c) and 0 <= c < NUM_CLASSES for c in exclude_classes
+        ):
+            raise ValueError(f"{name}: exclude_classes must be class numbers in 0..9, got {exclude_classes!r}")
+        if len(set(int(c) for c in exclude_classes)) == NUM_CLASSES:
+            raise ValueError(f"{name}: exclude_classes removes all 10 classes; the train split would be empty")
+        if isinstance(mirrors, (str, bytes)):
+            raise ValueError(f"{name}: mirrors must be a list of URLs, got the string {mirrors!r}")
+        if not (is_int(batch_size) and batch_size >= 1):
+            raise ValueError(f"{name}: batch_size must be an integer >= 1, got {batch_size!r}")
+        for field, value in {"num_workers": num_workers, "seed": seed}.items():
+            if not (is_int(value) and value >= 0):
+                raise ValueError(f"{name}: {field} must be an integer >= 0, got {value!r}")
+        self.save_hyperparameters()
+        self.info = DATASETS[dataset]
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.classes = list(self.info.torchvision_class.classes)
+        self.num_classes = NUM_CLASSES
+        self.mean, self.std = self.info.mean, self.info.std
+        self.mirrors = list(mirrors) if mirrors is not None else list(self.info.torchvision_class.mirrors)
+        self.exclude_classes = tuple(sorted({int(c) for c in exclude_classes}))
+        self.splits: dict[str, MNISTLikeDataset] = {}
+        self.files: dict[str, tuple[Path, Path]] = {}
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (IMAGE_SIZE * IMAGE_SIZE,) if self.hparams.flatten else (1, IMAGE_SIZE, IMAGE_SIZE)
+
+    @property
+    def deterministic_train_transform(self) -> bool:
+        """True when training items are the same at every access (no augmentation), so that outputs computed once
+        per training example (e.g. a teacher's logits, keyed by ``return_index``) stay valid."""
+        return self.hparams.jitter == 0
+
+    @property
+    def raw_folder(self) -> Path:
+        """``data_dir/<torchvision class name>/raw``, as torchvision's ``raw_folder``."""
+        return self.data_dir / self.info.torchvision_class.__name__ / "raw"
+
+    # ------------------------------------------------------------------------------------ files
+
+    def _needed(self) -> list[str]:
+        parts = ("train", "test") if self.hparams.train_source == "train" else ("test",)
+        return [f for part in parts for f in FILES[part]]
+
+    def _where_to_put(self, missing: Sequence[str]) -> str:
+        mirror = self.mirrors[0] if self.mirrors else ""
+        mirror = mirror if not mirror or mirror.endswith("/") else mirror + "/"
+        return (
+            f"Put the official {self.info.title} file(s) {', '.join(f'{m}.gz' for m in missing)} into "
+            f"{self.raw_folder}/ (torchvision's layout; torchvision's uncompressed copies without .gz work too), "
+            f"e.g. from {mirror}<file>.gz, or run once with network access. With train_source='test' only "
+            f"{FILES['test'][0]}.gz and {FILES['test'][1]}.gz are needed."
+        )
+
+    def ensure_files(self) -> dict[str, Path]:
+        """{official name: path} of the files ``train_source`` needs, after downloading the missing ones (never when
+        offline). FileNotFoundError listing the missing files and their folder when they cannot be had."""
+        name = type(self).__name__
+        raw = self.raw_folder
+        missing = [f for f in self._needed() if find_file(raw, f) is None]
+        if missing:
+            listing = ", ".join(str(raw / f"{f}.gz") for f in missing)
+            if offline():
+                raise FileNotFoundError(
+                    f"{name}: missing {listing}, and offline mode is on (REPROZOO_OFFLINE), so nothing was "
+                    f"downloaded. " + self._where_to_put(missing)
+                )
+            try:
+                download_files(raw, missing, self.info.torchvision_class, self.mirrors)
+            except Exception as err:
+                raise FileNotFoundError(
+                    f"{name}: missing {listing}, and the download failed: {err}. " + self._where_to_put(missing)
+                ) from err
+        return {f: find_file(raw, f) for f in self._needed()}
+
+    def _read_part(self, paths: dict[str, Path], part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        name = type(self).__name__
+        images_path, labels_path = (paths[f] for f in FILES[part])
+        try:
+            images, labels = read_images(images_path), read_labels(labels_path)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{name}: {images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
+            )
+        self.files[part] = (images_path, labels_path)
+        return images, labels
+
+    # ------------------------------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        self.ensure_files()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        name = type(self).__name__
+        paths = self.ensure_files()
+        test_images, test_labels = self._read_part(paths, "test")
+        test_np = test_labels.numpy()
+        seed = hp.seed
+
+        def rng(k: int) -> np.random.Generator:
+            return np.random.default_rng((seed, k))
+
+        if hp.train_source == "train":
+            pool_images, pool_labels = self._read_part(paths, "train")
+            pool_np = pool_labels.numpy()
+            val_size = 5000 if hp.val_size is None else hp.val_size
+            if val_size >= len(pool_np):
+                raise ValueError(
+                    f"{name}: val_size={val_size} leaves no training item of the {len(pool_np)} in "
+                    f"{self.files['train'][0]}"
+                )
+            val_idx = stratified_pick(pool_np, val_size, rng(0))
+            train_idx = _rest(len(pool_np), val_idx)
+            if hp.num_train is not None:
+                if hp.num_train > len(train_idx):
+                    raise ValueError(
+                        f"{name}: num_train={hp.num_train}, but only {len(train_idx)} training items remain "
+                        f"after holding out val_size={val_size} of {len(pool_np)}"
+                    )
+                pick = balanced_pick(pool_np[train_idx], hp.num_train, rng(1), f"{name}: num_train", self.classes)
+                train_idx = train_idx[pick]
+            test_idx = np.arange(len(test_np))
+            if hp.num_test is not None:
+                if hp.num_test > len(test_np):
+                    raise ValueError(f"{name}: num_test={hp.num_test}, but the test file has only {len(test_np)}")
+                test_idx = balanced_pick(test_np, hp.num_test, rng(2), f"{name}: num_test", self.classes)
+        else:
+            pool_images, pool_labels, pool_np = test_images, test_labels, test_np
+            total = len(test_np)
+            num_test = total // 5 if hp.num_test is None else hp.num_test
+            num_train = total - num_test if hp.num_train is None else hp.num_train
+            if num_test + num_train > total:
+                raise ValueError(
+                    f"{name}: num_train={num_train} + num_test={num_test} is more than the {total} images of "
+                    f"{self.files['test'][0]} (train_source='test' splits that file)"
+                )
+            if num_train < 1 or num_test < 1:
+                raise ValueError(
+                    f"{name}: the {total} test images leave num_train={num_train}, num_test={num_test}; "
+                    f"both must be >= 1"
+                )
+            test_idx = stratified_pick(test_np, num_test, rng(2))
+            rest = _rest(total, test_idx)
+            part = rest[stratified_pick(test_np[rest], num_train, rng(1))]
+            val_size = num_train // 10 if hp.val_size is None else hp.val_size
+            if val_size >= num_train:
+                raise ValueError(
+                    f"{name}: val_size={val_size} leaves no training item of the num_train={num_train} "
+                    f"(train_source='test': val is held out of the training part)"
+                )
+            val_idx = part[stratified_pick(test_np[part], val_size, rng(0))]
+            train_idx = np.setdiff1d(part, val_idx)
+
+        if self.exclude_classes:
+            train_idx = train_idx[~np.isin(pool_np[train_idx], self.exclude_classes)]
+
+        common = dict(mean=self.mean, std=self.std, normalize=hp.normalize, flatten=hp.flatten, seed=seed)
+
+        def subset(images, labels, idx, **kwargs) -> MNISTLikeDataset:
+            idx = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            return MNISTLikeDataset(images[idx], labels[idx], source_index=idx, **common, **kwargs)
+
+        self.splits = {
+            "train": subset(pool_images, pool_labels, train_idx, jitter=hp.jitter, return_index=hp.return_index),
+            "val": subset(pool_images, pool_labels, val_idx),
+            "test": subset(test_images, test_labels, test_idx),
+        }
