@@ -650,3 +650,14 @@ def test_lightning_fit_and_test(tmp_path):
     assert "val_loss" in trainer.callback_metrics
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
     assert 0 <= result["test_acc"] <= 1
+
+
+def test_flat_folder_of_the_official_files(tmp_path):
+    """The real MNIST test files, read in place from their flat folder (no torchvision layout)."""
+    dm = FashionMNISTDataModule(dataset="mnist", data_dir=str(shared_data("mnist")), train_source="test",
+                                num_train=500, num_test=100)  # fmt: skip
+    dm.setup()
+    assert dm.raw_folder == shared_data("mnist")
+    assert len(dm.splits["test"]) == 100 and dm.files["test"][0].parent == shared_data("mnist")
+    with pytest.raises(FileNotFoundError, match="MNIST/raw/train-images"):  # no train files there
+        FashionMNISTDataModule(dataset="mnist", data_dir=str(shared_data("mnist"))).setup()

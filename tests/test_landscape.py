@@ -348,3 +348,22 @@ def test_ddp_two_processes_give_the_one_process_surface(tmp_path):
     result = single.compute(_trainer(tmp_path / "single", []), model, dataloader=DataLoader(_data(), batch_size=BATCH))
     np.testing.assert_allclose(ddp["loss"], result["loss"], rtol=1e-6)
     np.testing.assert_allclose(ddp["accuracy"], result["accuracy"], atol=1e-6)
+
+
+def test_weights_restored_when_the_objective_raises(tmp_path):
+    torch.manual_seed(0)
+    model = SmallNet()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def failing(module, batch):
+        calls.append(1)
+        if len(calls) == 4:  # mid-grid, with some point's weights written into the parameters
+            raise FloatingPointError("diverged at call 4")
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    cb = LossLandscape(resolution=3, mode="loop", loss_fn=failing, progress=False)
+    with pytest.raises(FloatingPointError, match="call 4"):
+        cb.compute(_trainer(tmp_path, []), model, dataloader=DataLoader(_data(), batch_size=BATCH))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.training and "log" not in model.__dict__

@@ -5,7 +5,8 @@ Nets", NeurIPS 2018), evaluated many grid points at a time.
 The classic tools set the weights of one grid point, run a full pass over the data, restore and repeat. Here each
 data batch is loaded once, and chunks of grid points share one forward through ``torch.func.vmap`` over
 ``torch.func.functional_call``: the weights ``theta + a * d1 + b * d2`` of every point in the chunk are built
-inside the vmap, the module's parameters are never written, and under DDP the points are split across ranks.
+inside the vmap without writing the module's parameters; the one-at-a-time loop writes each point's weights in
+place and copies the saved ones back. Under DDP the points are split across ranks.
 """
 
 from __future__ import annotations
@@ -203,8 +204,8 @@ class LossLandscape(L.Callback):
     ``[-span, span]``, where ``theta`` are the current (trainable, by default) parameters and ``d1``, ``d2`` are
     seeded Gaussian directions normalised as :func:`random_directions` says. The module is put in eval mode for it
     (BatchNorm uses its running statistics, dropout is off) and every module's train/eval flag is restored after;
-    parameters are never written (``functional_call`` swaps them in for each forward), so the weights are unchanged
-    bit for bit. The global RNG state (CPU and current CUDA device) is restored too, so adding the callback does not
+    the weights are unchanged bit for bit afterwards (vmap swaps the points' weights in with ``functional_call``; the
+    loop writes them in place and copies the saved values back, also when the objective raises). The global RNG state (CPU and current CUDA device) is restored too, so adding the callback does not
     change training; the objective is run under a fixed seed, so a stochastic loss uses the same noise at every
     grid point (common random numbers).
 
@@ -505,17 +506,37 @@ class LossLandscape(L.Callback):
                 columns.append(vmap(lambda p: evaluate(p, batch), randomness="same")(stacked))
             return torch.stack([v for v, _ in columns], 1), torch.stack([a for _, a in columns], 1)
 
+        live = dict(objective.module.named_parameters())
+        live_buffers = dict(objective.module.named_buffers())
+
         def run_loop(chunk: torch.Tensor, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+            # One point at a time, the classic way: the point's weights are written into the parameters in place (no
+            # allocation, no reparametrisation per call) and the saved values copied back at the end, bit for bit.
+            theta = {name: params[name].clone() for name in names}  # params are views of the live parameters
+            saved_buffers = {n: live_buffers[n[len("module.") :]].clone() for n in buffers}
             values, accs = [], []
-            for c in chunk:
-                point = point_params(c.to(device=device, dtype=dtype))
-                for batch in batches:
-                    metrics.reset()  # a metric logged by the objective then holds this point's batch only
-                    value, accuracy = evaluate(point, batch)
-                    values.append(value)
-                    accs.append(accuracy)
+            try:
+                for n, b in buffers.items():  # DDP: rank zero's buffers (see compute)
+                    live_buffers[n[len("module.") :]].copy_(b)
+                for c in chunk.tolist():
+                    for name in names:
+                        p = live[name].copy_(theta[name])
+                        for k in range(self.dim):
+                            p.add_(directions[k][name], alpha=c[k])
+                    for batch in batches:
+                        metrics.reset()  # a metric logged by the objective then holds this point's batch only
+                        captured.values.clear()
+                        torch.manual_seed(self.seed)
+                        value, accuracy = _unpack(objective(batch), captured, self.accuracy_key)
+                        values.append(value.double())
+                        accs.append(torch.full((), float("nan")) if accuracy is None else accuracy.double())
+            finally:
+                for name in names:
+                    live[name].copy_(theta[name])
+                for n, b in saved_buffers.items():
+                    live_buffers[n[len("module.") :]].copy_(b)
             shape = (len(chunk), len(batches))
-            return torch.stack(values).reshape(shape), torch.stack(accs).reshape(shape)
+            return torch.stack([v.cpu() for v in values]).reshape(shape), torch.stack([a.cpu() for a in accs]).reshape(shape)
 
         chunks = [coords[i : i + self.chunk_size] for i in range(0, len(coords), self.chunk_size)]
         if not chunks:  # more ranks than grid points

@@ -6,7 +6,8 @@ Files: the official idx files, in torchvision's raw layout (``torchvision.datase
     <data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
 
 The uncompressed files that torchvision extracts next to them (same names without ``.gz``) are read when the
-``.gz`` ones are absent. Missing files are downloaded, unless ``REPROZOO_OFFLINE`` is set, with torchvision's own
+``.gz`` ones are absent. A flat folder works too: ``data_dir`` holding the needed files directly (e.g. the MNIST
+test files of ``../shared/data/mnist`` with ``train_source="test"``). Missing files are downloaded, unless ``REPROZOO_OFFLINE`` is set, with torchvision's own
 machinery and lists: its ``mirrors`` and its ``resources`` (file name and md5) of the dataset class, each file into a
 temporary folder first and then moved into ``raw/`` with one rename, so an interrupted download never looks like
 data. Only the files that ``train_source`` needs are fetched.
@@ -441,8 +442,14 @@ class FashionMNISTDataModule(_SplitsDataModule):
 
     @property
     def raw_folder(self) -> Path:
-        """``data_dir/<torchvision class name>/raw``, as torchvision's ``raw_folder``."""
-        return self.data_dir / self.info.torchvision_class.__name__ / "raw"
+        """``data_dir/<torchvision class name>/raw``, as torchvision's ``raw_folder``; or ``data_dir`` itself when
+        the needed files lie directly in it (a flat folder of the official files, as they are often kept) and not
+        in torchvision's layout."""
+        layout = self.data_dir / self.info.torchvision_class.__name__ / "raw"
+        flat = all(find_file(self.data_dir, f) is not None for f in self._needed())
+        if flat and not any(find_file(layout, f) is not None for f in self._needed()):
+            return self.data_dir
+        return layout
 
     # ------------------------------------------------------------------------------------ files
 
@@ -455,7 +462,8 @@ class FashionMNISTDataModule(_SplitsDataModule):
         mirror = mirror if not mirror or mirror.endswith("/") else mirror + "/"
         return (
             f"Put the official {self.info.title} file(s) {', '.join(f'{m}.gz' for m in missing)} into "
-            f"{self.raw_folder}/ (torchvision's layout; torchvision's uncompressed copies without .gz work too), "
+            f"{self.raw_folder}/ (torchvision's layout, or all of them directly in data_dir; torchvision's "
+            "uncompressed copies without .gz work too), "
             f"e.g. from {mirror}<file>.gz, or run once with network access. With train_source='test' only "
             f"{FILES['test'][0]}.gz and {FILES['test'][1]}.gz are needed."
         )

@@ -30,10 +30,12 @@ class _SplitMetrics(nn.Module):
     """Loss mean and accuracy of one split, as torchmetrics objects: Lightning computes, syncs (DDP) and resets
     them per epoch, and the means are weighted by batch size, so a short last batch counts as what it is."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, per_class: bool = False):
         super().__init__()
         self.loss = MeanMetric()
         self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # Accuracy of each true class (recall), logged by hand at the epoch end: Lightning logs scalars only.
+        self.per_class = MulticlassAccuracy(num_classes=num_classes, average="none") if per_class else None
 
 
 class ClassifierModule(L.LightningModule):
@@ -64,6 +66,8 @@ class ClassifierModule(L.LightningModule):
         label_smoothing: of the training cross-entropy, in [0, 1).
         scheduler: None, ``"cosine"`` (to zero over ``max_epochs``, or over all steps when only ``max_steps`` is
             set) or ``"step"`` (multiply the learning rate by ``gamma`` every ``step_size`` epochs).
+        per_class_metrics: also log the accuracy of each true class, ``val/acc_class/<k>`` and
+            ``test/acc_class/<k>`` (torchmetrics, synced under DDP; NaN for a class absent from the split).
         weights: zoo entry to initialise from (``fit --model.weights NAME`` fine-tunes it).
 
     A net given as a Python object (``ClassifierModule(MLP(...))``) cannot be stored in the hyperparameters: its
@@ -91,6 +95,7 @@ class ClassifierModule(L.LightningModule):
         scheduler: Literal["cosine", "step"] | None = None,
         step_size: int = 30,
         gamma: float = 0.1,
+        per_class_metrics: bool = False,
         weights: str | None = None,
     ):
         super().__init__()
@@ -115,13 +120,14 @@ class ClassifierModule(L.LightningModule):
         _check(step_size >= 1, "step_size", step_size, ">= 1")
         _check(gamma > 0, "gamma", gamma, "> 0")
         with warnings.catch_warnings():
+            # Modules given as Python objects are replaced by None just below (subclasses do the same for theirs).
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters()
-        if isinstance(self.hparams.get("net"), nn.Module):
-            # A Python object, not a class_path config (LightningCLI records that) or a name: saved again without
-            # it, so that neither the checkpoint nor the loggers' copy of the hyperparameters pickles the module.
-            self.save_hyperparameters(ignore=["net"])
-            self.hparams["net"] = None
+            if isinstance(self.hparams.get("net"), nn.Module):
+                # A Python object, not a class_path config (LightningCLI records that) or a name: saved again
+                # without it, so that neither the checkpoint nor the loggers' copy of the hyperparameters pickles it.
+                self.save_hyperparameters(ignore=["net"])
+                self.hparams["net"] = None
 
         if isinstance(net, str):
             try:
@@ -139,8 +145,8 @@ class ClassifierModule(L.LightningModule):
         self.train_metrics = _SplitMetrics(self.num_classes)
         self.train_ce = MeanMetric()
         self.train_penalty = MeanMetric()
-        self.val_metrics = _SplitMetrics(self.num_classes)
-        self.test_metrics = _SplitMetrics(self.num_classes)
+        self.val_metrics = _SplitMetrics(self.num_classes, per_class_metrics)
+        self.test_metrics = _SplitMetrics(self.num_classes, per_class_metrics)
         if weights:
             load_pretrained_into(self, weights)
 
@@ -202,21 +208,44 @@ class ClassifierModule(L.LightningModule):
         self.log("train/penalty", self.train_penalty, **log)
         self.log("train/loss", m.loss, prog_bar=True, **log)
         self.log("train/acc", m.acc, **log)
+        self._log_train_extra(out, n)
         return loss
+
+    def _log_train_extra(self, out: dict[str, torch.Tensor], n: int) -> None:
+        """Subclasses log the further terms of their :meth:`loss` here."""
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits that validation, test and predict score: the net's (subclasses may adjust them)."""
+        return self.net(x)
 
     def _eval_step(self, batch, metrics: _SplitMetrics, prefix: str) -> None:
         x, y = self._split(batch)
-        logits = self.net(x)
+        logits = self.eval_logits(x)
         metrics.loss.update(F.cross_entropy(logits, y), len(y))
         metrics.acc.update(logits, y)
+        if metrics.per_class is not None:
+            metrics.per_class.update(logits, y)
         self.log(f"{prefix}/loss", metrics.loss, batch_size=len(y))
         self.log(f"{prefix}/acc", metrics.acc, prog_bar=True, batch_size=len(y))
+
+    def _log_per_class(self, metrics: _SplitMetrics, prefix: str) -> None:
+        if metrics.per_class is None:
+            return
+        values = metrics.per_class.compute()  # synced across processes; NaN for a class absent from the split
+        metrics.per_class.reset()
+        self.log_dict({f"{prefix}/acc_class/{k}": v for k, v in enumerate(values)}, sync_dist=False)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_per_class(self.val_metrics, "val")
+
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_per_class(self.test_metrics, "test")
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         """``{"logits": (B, C), "probs": (B, C), "pred": (B,)}`` for a batch ``x``, ``(x, y)`` or ``{"x", ...}``."""
@@ -226,7 +255,7 @@ class ClassifierModule(L.LightningModule):
             x = batch["x"]
         else:
             x = batch[0]
-        logits = self.net(x)
+        logits = self.eval_logits(x)
         return {"logits": logits, "probs": logits.softmax(dim=-1), "pred": logits.argmax(dim=-1)}
 
     # --------------------------------------------------------------------------------------- optimisation
