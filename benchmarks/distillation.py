@@ -73,9 +73,9 @@ def export(results: dict[str, dict], out: Path, args: argparse.Namespace) -> lis
 
     lines = []
     for key, name, recipe, description in [
-        ("teacher", "mlp1200_mnist.teacher", "configs/distillation/teacher.yaml",
+        ("teacher", "mlp1200_mnist.teacher", "configs/distillation/teacher_mnist8k.yaml",
          "Distillation teacher: 784-1200-1200-10 ReLU MLP, dropout 0.2/0.5, max-norm 3.5, 2-pixel jitter"),
-        ("distilled T=4", "mlp800_mnist.distilled", "configs/distillation/distilled.yaml",
+        ("distilled T=4", "mlp800_mnist.distilled", "configs/distillation/distilled_mnist8k.yaml",
          "784-800-800-10 ReLU MLP distilled from mlp1200_mnist.teacher (T=4, alpha=0.5)"),
     ]:  # fmt: skip
         r = results[key]

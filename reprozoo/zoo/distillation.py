@@ -16,6 +16,7 @@ needed).
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Literal
@@ -174,9 +175,11 @@ class DistillationModule(ClassifierModule):
             per_class_metrics=per_class_metrics,
             weights=weights,
         )
-        # The parent recorded its own argument name; this class's are student/teacher. Modules given as Python
-        # objects are not hyperparameters (pass them again to load_from_checkpoint).
-        self.hparams.pop("net", None)
+        # The parent recorded its own arguments too (its "net" is this class's student): keep this class's only.
+        # Modules given as Python objects are not hyperparameters (pass them again to load_from_checkpoint).
+        own = inspect.signature(DistillationModule.__init__).parameters
+        for key in [k for k in self.hparams if k not in own and not k.startswith("_")]:
+            self.hparams.pop(key)  # e.g. the parent's "net" and "penalize", collected from its frame
         for field in ("student", "teacher"):
             if isinstance(self.hparams.get(field), nn.Module):
                 self.hparams[field] = None

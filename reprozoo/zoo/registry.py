@@ -197,7 +197,15 @@ def build_module(class_path: str, hparams: dict[str, Any]) -> torch.nn.Module:
     hparams["weights"] = None  # the weights come from the file, not from the zoo again
     from lightning.pytorch.cli import instantiate_module
 
-    return instantiate_module(cls, hparams)
+    module = instantiate_module(cls, hparams)
+    # A nested module given by class_path reaches __init__ as an object, which the module records as None (it cannot
+    # be a hyperparameter): put its config back, so that the model's hparams say how to rebuild it, as after a CLI run.
+    recorded = getattr(module, "hparams", None)
+    if recorded is not None:
+        for key, value in hparams.items():
+            if recorded.get(key, "") is None and isinstance(value, dict) and "class_path" in value:
+                recorded[key] = value
+    return module
 
 
 def load_state(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, *, zoo: bool = True) -> None:

@@ -1,0 +1,54 @@
+"""The distillation and regularisation configs run through the CLI (one short epoch each) on the real MNIST test
+images of ../shared/data/mnist, with their callbacks' outputs written."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from reprozoo.callbacks import load_landscape
+from reprozoo.cli import run_lightning
+from tests.conftest import shared_data
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _run(tmp_path, config: Path, *extra: str):
+    argv = [
+        "fit", "--config", str(config),
+        "--data.init_args.dataset", "mnist", "--data.init_args.data_dir", str(shared_data("mnist")),
+        "--data.init_args.train_source", "test", "--data.init_args.num_train", "400",
+        "--data.init_args.val_size", "100", "--data.init_args.num_test", "100",
+        "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+        "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", *extra,
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        return run_lightning(argv)
+
+
+@pytest.mark.parametrize("variant", ["plain", "batchnorm", "layernorm", "dropout", "l1", "l2"])
+def test_regularization_config(tmp_path, variant):
+    cli = _run(tmp_path, CONFIGS / "regularization" / f"{variant}.yaml",
+               "--trainer.callbacks.resolution", "5")  # the last callback: LossLandscape  # fmt: skip
+    log_dir = Path(cli.trainer.logger.log_dir)
+    assert (log_dir / "frobenius_norm" / "norms_epoch0.png").exists()
+    assert load_landscape(log_dir / "loss_landscape" / "epoch_0.npz")["loss"].shape == (5, 5)
+    net = cli.model.net
+    assert [h.linear.out_features for h in net.hidden] == [392, 196]
+    expected = {"l1": ("l1", 1e-5), "l2": ("l2", 1e-4)}.get(variant)
+    if expected:
+        assert cli.model.hparams[expected[0]] == expected[1]
+
+
+@pytest.mark.parametrize("config", ["teacher", "small", "distilled", "teacher_mnist8k", "distilled_mnist8k"])
+def test_distillation_config(tmp_path, config):
+    cli = _run(tmp_path, CONFIGS / "distillation" / f"{config}.yaml", "--trainer.limit_train_batches", "2",
+               "--trainer.limit_val_batches", "1")  # fmt: skip
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    if config.startswith("distilled"):
+        assert cli.model.teacher is not None and not cli.model.teacher.training
+        assert cli.model.hparams.teacher == "mlp1200_mnist.teacher"
