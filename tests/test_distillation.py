@@ -211,7 +211,7 @@ def test_teacher_from_a_cli_checkpoint_and_errors(tmp_path):
             "--data.data_dir", str(shared_data("mnist")), "--data.train_source", "test", "--data.num_train", "300",
             "--data.num_test", "100", "--data.flatten", "true", "--trainer.max_epochs", "1",
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+            "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
         ])  # fmt: skip
     teacher = load_teacher(tmp_path / "ckpt" / "last.ckpt")
     assert teacher.net.hidden[0].linear.out_features == 392
