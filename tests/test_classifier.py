@@ -283,3 +283,15 @@ def test_loss_is_usable_by_callbacks_outside_training():
     assert out["loss"] == out["ce"] + out["penalty"]
     x, y = batch
     assert out["accuracy"] == (model(x).argmax(-1) == y).float().mean()
+
+
+def test_validate_before_fit_then_fit(tmp_path):
+    """trainer.validate resets the metrics under inference mode; fit must still update them afterwards."""
+    torch.manual_seed(0)
+    model = ClassifierModule(MLP(2, 3, hidden=(8,)), lr=0.05, per_class_metrics=True)
+    train, val = loaders()
+    trainer = tiny_trainer(tmp_path, max_epochs=2, enable_checkpointing=False)
+    before = trainer.validate(model, val, verbose=False)[0]["val/loss"]
+    trainer.fit(model, train, val)
+    assert trainer.callback_metrics["val/loss"] < before
+    assert "val/acc_class/2" in trainer.callback_metrics

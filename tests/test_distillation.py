@@ -232,3 +232,18 @@ def test_ddp_two_processes_train(tmp_path):
     ckpt = torch.load(trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=False)
     assert set(ckpt["state_dict"]) == set(model.state_dict())
     assert math.isfinite(float(trainer.callback_metrics["val/acc"]))
+
+
+def test_a_small_cnn_student_learns_from_an_mlp_teacher(tmp_path):
+    from reprozoo.zoo.nets import ConvNet
+
+    torch.manual_seed(0)
+    student = ConvNet(in_channels=1, num_classes=10, channels=(8, 16), layers_per_block=1, pool_every=1,
+                      hidden=(32,), image_size=28)  # fmt: skip
+    model = DistillationModule(student, Teacher().eval(), temperature=4.0, alpha=0.5, lr=0.05)
+    dm = _mnist(flatten=False)
+    trainer = _trainer(tmp_path, max_epochs=1)
+    before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
+    trainer.fit(model, datamodule=dm)
+    after = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
+    assert after < before

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from reprozoo.zoo.nets import create_net
@@ -257,6 +257,13 @@ class ClassifierModule(L.LightningModule):
             x = batch[0]
         logits = self.eval_logits(x)
         return {"logits": logits, "probs": logits.softmax(dim=-1), "pred": logits.argmax(dim=-1)}
+
+    def on_fit_start(self) -> None:
+        # A trainer.validate/test before fit resets the metrics under inference mode, which makes their states
+        # inference tensors that fit (no inference mode) may not update in place: start fit with fresh states.
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
 
     # --------------------------------------------------------------------------------------- optimisation
 

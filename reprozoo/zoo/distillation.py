@@ -233,6 +233,7 @@ class DistillationModule(ClassifierModule):
     # ---- training -----------------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.hparams.alpha > 0 and self._teacher is None:
             raise RuntimeError("DistillationModule: alpha > 0 needs a teacher (teacher=<zoo name | checkpoint | module>)")
         if not self.hparams.cache_teacher:
