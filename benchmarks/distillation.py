@@ -20,19 +20,16 @@ with the metrics measured from those files.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
+from _common import ROOT, SHARED_DATA, quiet_lightning
 from reprozoo.cli import run_lightning
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+SHARED_MNIST = SHARED_DATA / "mnist"
 CONFIGS = ROOT / "configs" / "distillation"
 # The seed notebook's test accuracies (full MNIST): what our runs are compared with.
 SEED = {"teacher": 0.9901, "small": 0.9833, "distilled T=4": 0.9891, "small, no 3s": 0.8882, "distilled T=4, no 3s": 0.9869}
@@ -105,11 +102,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--export", type=Path, default=None, help="write the two zoo entries into this folder")
     args = parser.parse_args()
-    for pattern in (".*does not have many workers.*", ".*LightningCLI's args parameter.*", ".*smaller than the logging.*"):
-        warnings.filterwarnings("ignore", pattern)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("REPROZOO_OFFLINE", "1")
+    quiet_lightning()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

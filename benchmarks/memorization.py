@@ -14,18 +14,14 @@ cache, 100 train / 100 val).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
+from _common import ROOT, SHARED_DATA, quiet_lightning
 from reprozoo.callbacks import FrobeniusNormMonitor
 from reprozoo.cli import run_lightning
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 SETTINGS = {"real labels": "real_labels", "15 % random labels": "partly_random", "random labels": "fully_random"}
 
 
@@ -119,12 +115,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=None, help="where the runs log (default: a temporary folder)")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter.*")  # this script's own argv
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("REPROZOO_OFFLINE", "1" if args.data_dir else "0")
+    quiet_lightning(offline=args.data_dir is not None)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

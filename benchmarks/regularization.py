@@ -16,20 +16,17 @@ testing); ``--dataset fashion_mnist --data-dir DIR`` runs it on Fashion-MNIST in
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from reprozoo.callbacks import FrobeniusNormMonitor, LossLandscape, load_landscape
+from _common import ROOT, SHARED_DATA, quiet_lightning
 from reprozoo.cli import run_lightning
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+SHARED_MNIST = SHARED_DATA / "mnist"
 VARIANTS = ["plain", "batchnorm", "layernorm", "dropout", "l1", "l2"]
 
 
@@ -121,11 +118,7 @@ def main() -> None:
     parser.add_argument("--radius", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    for pattern in (".*does not have many workers.*", ".*LightningCLI's args parameter.*", ".*smaller than the logging.*"):
-        warnings.filterwarnings("ignore", pattern)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("REPROZOO_OFFLINE", "1")
+    quiet_lightning()
 
     with tempfile.TemporaryDirectory() as tmp:
         results = {v: run(v, args, Path(tmp)) for v in VARIANTS}
