@@ -17,9 +17,9 @@ from lightning.pytorch.cli import LightningCLI
 
 # Imported so that their classes resolve by short name in configs and on the command line.
 from reprozoo import callbacks, datamodules
-from reprozoo.zoo import classifier, engression, nets, registry, trm
+from reprozoo.zoo import classifier, distillation, engression, nca, nets, registry, tent, trm
 
-_IMPORTED_FOR_CLASS_PATHS = (callbacks, datamodules, classifier, engression, nets, trm)
+_IMPORTED_FOR_CLASS_PATHS = (callbacks, datamodules, classifier, distillation, engression, nca, nets, tent, trm)
 
 TRAINER_DEFAULTS = {
     "logger": {

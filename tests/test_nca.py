@@ -1,0 +1,172 @@
+"""NCA: the loss against an independent computation (and where the naive one underflows), inits, kNN, the
+Lightning module on the concentric rings and on real MNIST images, DDP."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from reprozoo.datamodules.rings import ConcentricRingsDataModule, make_rings
+from reprozoo.zoo.nca import NCAModule, knn_predict, lda_directions, nca_log_p, nca_loss, pca_directions
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
+
+
+def _naive(e: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The textbook computation in float64: pairwise distances, exp, masked diagonal, normalise, sum same class."""
+    e = e.double()
+    n = len(e)
+    p = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                p[i, j] = math.exp(-float(((e[i] - e[j]) ** 2).sum()))
+    p = p / p.sum(dim=1, keepdim=True)
+    same = (y[:, None] == y[None, :]) & ~torch.eye(n, dtype=torch.bool)
+    p_i = (p * same).sum(dim=1)
+    valid = same.any(dim=1)
+    return -torch.log(p_i[valid]).mean()
+
+
+def test_loss_matches_an_independent_computation():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(12, 3, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 3])  # class 3 has one point: left out of the mean
+    assert nca_loss(e, y).item() == pytest.approx(_naive(e, y).item(), rel=1e-5)
+    _, valid = nca_log_p(e, e, y, y)
+    assert valid.tolist() == [True] * 11 + [False]
+
+
+def test_loss_finite_where_the_naive_formula_underflows():
+    e = torch.tensor([[0.0, 0.0], [40.0, 0.0], [0.0, 45.0], [41.0, 1.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1])
+    naive = _naive(e.detach(), y)
+    assert not torch.isfinite(naive)  # exp(-1600) underflows to 0 -> log 0
+    loss = nca_loss(e, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(e.grad).all() and loss.item() > 100
+    # no same-class neighbour anywhere: 0 with a graph, not NaN
+    lone = torch.randn(3, 2, requires_grad=True)
+    zero = nca_loss(lone, torch.tensor([0, 1, 2]))
+    zero.backward()
+    assert zero.item() == 0 and torch.equal(lone.grad, torch.zeros_like(lone))
+
+
+def test_knn_predict_and_identity_init_equal_raw_knn():
+    g = torch.Generator().manual_seed(1)
+    ref, ref_y = torch.randn(60, 4, generator=g), torch.randint(0, 3, (60,), generator=g)
+    q = torch.randn(25, 4, generator=g)
+    for k in (1, 3, 5):
+        pred = knn_predict(q, ref, ref_y, k, 3, chunk=7)
+        d = torch.cdist(q, ref)
+        idx = d.argsort(dim=1)[:, :k]
+        for i in range(len(q)):
+            counts = torch.bincount(ref_y[idx[i]], minlength=3)
+            best = (counts == counts.max()).nonzero().flatten().tolist()
+            assert pred[i].item() in best
+    with pytest.raises(ValueError, match="k must be"):
+        knn_predict(q, ref, ref_y, 0, 3)
+    # identity init, untrained, no standardisation: the learned space is the raw space
+    model = NCAModule(in_dim=4, out_dim=4, init="identity", standardize=False)
+    assert torch.equal(model.transform(q), q)
+
+
+def test_pca_and_lda_directions():
+    x, y = make_rings(100, noise_dims=1, noise_std=10.0, seed=0)
+    pca = pca_directions(x.double(), 1)
+    assert abs(pca[0, 2].item()) > 0.99  # the noise coordinate has most of the variance
+    g = torch.Generator().manual_seed(0)
+    blobs_y = torch.arange(300) % 3
+    blobs = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    blobs[:, 4] += 3.0 * blobs_y  # classes differ along coordinate 4 only
+    lda = lda_directions(blobs, blobs_y, 1)
+    assert abs(lda[0, 4].item()) > 0.95
+
+
+def _trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_epochs=15, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def test_rings_nca_recovers_the_rings_pca_does_not(tmp_path):
+    torch.manual_seed(0)
+    dm = ConcentricRingsDataModule(n_train_per_class=60, n_val_per_class=40, n_test_per_class=40, batch_size=100)
+    model = NCAModule(in_dim=3, out_dim=2, init="pca", lr=0.2, k=(1,))
+    trainer = _trainer(tmp_path, max_epochs=40)
+    before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/knn1_acc"]
+    trainer.fit(model, datamodule=dm)
+    result = trainer.test(model, datamodule=dm, verbose=False)[0]
+    assert before < 0.6  # the PCA init (of the standardised data) mixes the noise coordinate in
+    assert result["test/knn1_acc"] > 0.9 > before + 0.3
+    assert result["test/knn1_acc_raw"] < result["test/knn1_acc"]  # the 3-D raw space still has the noise
+    assert result["test/reference_bytes"] < result["test/reference_bytes_raw"]
+    A = model.A.detach()
+    assert (A[:, 2].abs() / A.norm(dim=0)[:2].mean()).max() < 0.2  # the noise coordinate projected out
+    assert (tmp_path / "nca" / f"embedding_epoch{model.current_epoch}.png").exists()
+
+
+def test_standardisation_is_in_the_checkpoint_and_errors(tmp_path):
+    dm = ConcentricRingsDataModule(n_train_per_class=20, n_val_per_class=10, n_test_per_class=10)
+    model = NCAModule(in_dim=3, out_dim=2, init="lda", k=(1, 3))
+    trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=True)
+    trainer.fit(model, datamodule=dm)
+    assert model.std[2] > 5 and bool(model.initialised)
+    loaded = NCAModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    assert torch.equal(loaded.std, model.std) and torch.equal(loaded.A, model.A)
+    for kwargs, field in [({"out_dim": 0}, "out_dim"), ({"init": "svd"}, "init"), ({"k": [0]}, "k"),
+                          ({"lr": 0.0}, "lr"), ({"margin": -1.0}, "margin"), ({"out_dim": 4, "init": "identity"}, "out_dim")]:  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            NCAModule(in_dim=3, **{"out_dim": 2, **kwargs})
+
+
+def test_margin_term_keeps_classes_apart():
+    from reprozoo.zoo.nca import _margin_term
+
+    e = torch.zeros(4, 2, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1])
+    assert _margin_term(e, e, y, y, 1.0).item() == pytest.approx(1.0)
+    far = torch.tensor([[0.0, 0.0], [0.0, 0.1], [5.0, 0.0], [5.0, 0.1]])
+    assert _margin_term(far, far, y, y, 1.0).item() == 0.0
+
+
+def test_ddp_gradient_equals_the_single_process_gradient(tmp_path):
+    """ddp_spawn with 2 processes, one step of SGD on the same global batch: the same A as one process."""
+    data = ConcentricRingsDataModule(n_train_per_class=8, n_val_per_class=4, n_test_per_class=4, batch_size=20, seed=3)
+    results = {}
+    for devices in (1, 2):
+        torch.manual_seed(0)
+        model = NCAModule(in_dim=3, out_dim=2, init="random", standardize=False, optimizer="sgd", lr=0.5, k=(1,),
+                          plot=False)  # fmt: skip
+        start = model.A.detach().clone()
+        # 40 training items: one global batch of 40 in one process, two of 20 (one per rank) under DDP
+        data.hparams.batch_size = 40 // devices
+        kwargs = dict(strategy="ddp_spawn", devices=2) if devices == 2 else {}
+        trainer = _trainer(tmp_path / str(devices), max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+                           use_distributed_sampler=True, **kwargs)  # fmt: skip
+        trainer.fit(model, datamodule=data)
+        results[devices] = model.A.detach().clone()
+    assert not torch.allclose(results[1], start)  # it moved
+    torch.testing.assert_close(results[1], results[2], rtol=1e-4, atol=1e-6)
+
+
+def test_nca_on_a_frozen_zoo_backbone_and_real_mnist(tmp_path):
+    """NCA on the features of the zoo teacher (1200-d), on real MNIST images; the backbone stays frozen."""
+    from reprozoo.datamodules import FashionMNISTDataModule
+    from tests.conftest import shared_data
+
+    dm = FashionMNISTDataModule(dataset="mnist", data_dir=str(shared_data("mnist")), train_source="test",
+                                num_train=400, val_size=100, num_test=100, flatten=True, batch_size=100)  # fmt: skip
+    torch.manual_seed(0)
+    model = NCAModule(in_dim=1200, out_dim=8, encoder="mlp1200_mnist.teacher", init="pca", lr=0.01, k=(5,))
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(model, datamodule=dm)
+    assert not model.encoder.training and all(not p.requires_grad for p in model.encoder.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+    result = trainer.test(model, datamodule=dm, verbose=False)[0]
+    assert result["test/knn5_acc"] > 0.9  # the teacher's features separate the digits
