@@ -238,12 +238,14 @@ def test_pretrained_cifar_resnets_load_strictly_and_classify(depth):
     assert {"module." + k for k in model.state_dict() if not k.endswith("num_batches_tracked")} == set(raw)
     assert torch.equal(model.layer3[0].conv2.weight, raw["module.layer3.0.conv2.weight"])
     data = np.load(shared_data("cifar10", "test_jpeg_q75.npz"))
-    x = torch.from_numpy(data["x"][:500]).permute(0, 3, 1, 2).float().div(255)  # (500, 3, 32, 32) in [0, 1]
-    y = torch.from_numpy(data["y"][:500])
+    pick = np.random.default_rng(0).choice(len(data["y"]), 500, replace=False)  # the file is sorted by class
+    x = torch.from_numpy(data["x"][pick]).permute(0, 3, 1, 2).float().div(255)  # (500, 3, 32, 32) in [0, 1]
+    y = torch.from_numpy(data["y"][pick])
+    assert len(y.unique()) == 10
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
-    # ~0.74 / 0.82 / 0.82 here (81-83 % on all 10,000 JPEG images); chance is 0.1, a mis-wired net far below 0.7.
-    assert acc > 0.70
+    # 81-83 % on all 10,000 JPEG images; chance is 0.1, a mis-wired net far below 0.7.
+    assert acc > 0.72
     same = CifarResNet.from_legacy_checkpoint(path, depth)
     assert torch.equal(same.linear.weight, model.linear.weight)
 

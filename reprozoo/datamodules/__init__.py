@@ -1,8 +1,17 @@
 """LightningDataModules: real data loaders and the papers' synthetic problems."""
 
 from reprozoo.datamodules.animal_faces import AnimalFacesDataModule
+from reprozoo.datamodules.cifar10c import CIFAR10CDataModule
 from reprozoo.datamodules.fashion_mnist import FashionMNISTDataModule
+from reprozoo.datamodules.rings import ConcentricRingsDataModule
 from reprozoo.datamodules.sudoku import SudokuExtremeDataModule
 from reprozoo.datamodules.synthetic import SyntheticRegressionDataModule
 
-__all__ = ["AnimalFacesDataModule", "FashionMNISTDataModule", "SudokuExtremeDataModule", "SyntheticRegressionDataModule"]
+__all__ = [
+    "AnimalFacesDataModule",
+    "CIFAR10CDataModule",
+    "ConcentricRingsDataModule",
+    "FashionMNISTDataModule",
+    "SudokuExtremeDataModule",
+    "SyntheticRegressionDataModule",
+]
