@@ -52,3 +52,26 @@ def test_distillation_config(tmp_path, config):
     if config.startswith("distilled"):
         assert cli.model.teacher is not None and not cli.model.teacher.training
         assert cli.model.hparams.teacher == "mlp1200_mnist.teacher"
+
+
+def test_tent_generated_config_runs(tmp_path, monkeypatch):
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # the config's ../shared paths are relative to the project root
+    shared_data("cifar10", "test_jpeg_q75.npz")  # skip with a reason where ../shared is absent
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        cli = run_lightning([
+            "test", "--config", "configs/tent/resnet20_generated.yaml",
+            "--data.init_args.data_dir", str(tmp_path / "c"), "--data.init_args.num_examples", "200",
+            "--data.init_args.corruptions", "[gaussian_noise, fog]", "--data.init_args.batch_size", "100",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false",
+        ])  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert {"test/error/gaussian_noise-5", "test/error/fog-5"} <= set(metrics)
+
+
+def test_tent_standard_config_parses():
+    with pytest.raises(SystemExit) as exit_info:
+        run_lightning(["test", "--config", str(CONFIGS / "tent" / "cifar10c_standard.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
