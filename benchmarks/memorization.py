@@ -8,7 +8,7 @@ AFHQ images: the whole set is used, 20 % held out for validation), else the conf
 cache, 100 train / 100 val).
 
     python benchmarks/memorization.py                          # writes benchmarks/results/memorization.{png,md}
-    python benchmarks/memorization.py --max-epochs 100 --out /tmp/memo
+    python benchmarks/memorization.py --max-epochs 100 --out runs/memorization
 """
 
 from __future__ import annotations
