@@ -560,13 +560,14 @@ class LossLandscape(L.Callback):
 
     def _choose_mode(self, run_vmap, run_loop, chunk, batch, metrics: _MetricStates, name: str) -> str:
         """``mode`` itself, or for ``"auto"``: ``"loop"`` when vmap cannot run the objective (logged as a warning),
-        else whichever of the two is faster per grid point on this module, device and batch, timed on the first
-        chunk (a warm-up call, then one timed call each; the loop on at most 4 points). Batching grid points pays on
+        else whichever of the two is faster per grid point on this module, device and batch, timed on up to 8 points
+        of the first chunk (a warm-up call, then one timed call each; the loop on at most 4 points). Batching grid points pays on
         accelerators and for small, overhead-bound models; on a CPU, a compute-bound convolution runs slower
         batched (vmap turns it into a grouped convolution), so there the loop can win."""
         if self.mode != "auto":
             return self.mode
         self.timings = None
+        chunk = chunk[:8]  # a probe: enough points to see vmap's per-point cost, little work wasted on a small grid
         try:
             metrics.reset()
             run_vmap(chunk, [batch])[0].cpu()  # warm-up, and the test that vmap can run it at all

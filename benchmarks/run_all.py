@@ -1,0 +1,125 @@
+"""Run every benchmark of the repository at a CPU-sized setting and write one report.
+
+Each benchmark runs as its own process (``python benchmarks/<name>.py <arguments>``) with the settings below, its
+figures and tables going to ``benchmarks/report/<name>/`` (the full-size results in ``benchmarks/results/`` are left
+alone); its printed tables are collected into ``benchmarks/REPORT.md`` with the machine, the date, the command and
+the wall time of each. A benchmark that fails is reported as failed with the end of its output, and the others
+still run; the exit status is non-zero when any failed.
+
+    python benchmarks/run_all.py                     # all of them, about 10-15 minutes on 2 CPU cores
+    python benchmarks/run_all.py --only nca_knn tent_cifar10c
+    python benchmarks/run_all.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "benchmarks"
+
+# name -> (what it measures, arguments at a CPU-sized setting; "{out}" is the benchmark's output folder)
+BENCHMARKS: dict[str, tuple[str, list[str]]] = {
+    "engression_fig4": ("Engression vs L1 regression outside the training support (paper's Figure 4)",
+                        ["--functions", "softplus", "cubic", "--seeds", "1", "--epochs", "50", "--out", "{out}"]),
+    "trm_throughput": ("TRM training throughput and model FLOPs utilisation", ["--steps", "5"]),
+    "frobenius_overhead": ("FrobeniusNormMonitor overhead per training step", ["--steps", "150", "--rounds", "3"]),
+    "landscape_speed": ("LossLandscape: batched / looped / classic grid evaluation",
+                        ["--resolution", "11", "--batches", "2", "--skip-frobenius"]),
+    "memorization": ("Memorization: BigAnimalNet on real, partly and fully random AFHQ labels",
+                     ["--max-epochs", "60", "--out", "{out}"]),
+    "distillation": ("Distillation on MNIST, with the mythical-3 experiment",
+                     ["--epochs", "8", "--train", "4000", "--val", "500", "--test", "1000", "--out", "{out}"]),
+    "regularization": ("Regularisation study: six MLP variants, loss curves and landscape sharpness",
+                       ["--epochs", "4", "--out", "{out}"]),
+    "nca_knn": ("NCA + kNN on MNIST, rings NCA vs PCA, loss step vs a straightforward implementation",
+                ["--epochs", "4", "--out", "{out}"]),
+    "tent_cifar10c": ("TENT vs norm vs source on CIFAR-10-C-style corruptions",
+                      ["--images", "1000", "--corruptions", "gaussian_noise", "defocus_blur", "contrast", "fog",
+                       "jpeg_compression", "--grid-corruptions", "gaussian_noise", "--grid-lrs", "0.001", "0.01",
+                       "--grid-batches", "50", "200", "--out", "{out}"]),
+}  # fmt: skip
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}; "
+            f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads); GPU: {gpu}")  # fmt: skip
+
+
+def run(name: str, args: list[str], out: Path) -> tuple[bool, float, str]:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(HERE / f"{name}.py"), *[a.replace("{out}", str(out)) for a in args]]
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    text = proc.stdout.strip()
+    if proc.returncode != 0:
+        text = (text + "\n" + proc.stderr.strip()[-3000:]).strip()
+    return proc.returncode == 0, seconds, text.replace(str(ROOT) + os.sep, "")  # paths relative to the project
+
+
+def _demote_headings(text: str) -> str:
+    """A benchmark's own markdown headings become subsections of its section."""
+    return "\n".join("###" + line.lstrip("#") if line.startswith("#") else line for line in text.splitlines())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=None)
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--report", type=Path, default=HERE / "REPORT.md")
+    parser.add_argument("--out", type=Path, default=HERE / "report")
+    args = parser.parse_args()
+    if args.list:
+        for name, (what, bench_args) in BENCHMARKS.items():
+            print(f"{name:<20} {what}\n{'':<20} {' '.join(bench_args)}")
+        return 0
+    names = args.only or list(BENCHMARKS)
+    started = time.strftime("%Y-%m-%d %H:%M")
+    sections, failed = [], []
+    for name in names:
+        what, bench_args = BENCHMARKS[name]
+        out = args.out / name
+        print(f"[run_all] {name} ...", flush=True)
+        ok, seconds, text = run(name, bench_args, out)
+        print(f"[run_all] {name}: {'ok' if ok else 'FAILED'} in {seconds:.0f} s", flush=True)
+        if not ok:
+            failed.append(name)
+        shown_args = " ".join(a.replace("{out}", f"benchmarks/report/{name}") for a in bench_args)
+        figures = sorted(p.relative_to(args.report.parent) for p in out.glob("*.png"))
+        sections += [
+            f"## {name}: {what}",
+            "",
+            f"`python benchmarks/{name}.py {shown_args}`: {'ok' if ok else '**failed**'}, {seconds:.0f} s.",
+            "",
+            _demote_headings(text) if ok else "```\n" + text + "\n```",
+            "",
+            *([("Figures: " + ", ".join(f"[{f.name}]({f.as_posix()})" for f in figures)), ""] if figures else []),
+        ]
+    header = [
+        "# Benchmark report",
+        "",
+        f"Made by `python benchmarks/run_all.py` on {started}, CPU-sized settings (the full-size runs, where they",
+        "differ, are in `benchmarks/results/`).",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Benchmarks: {len(names)}, failed: {', '.join(failed) if failed else 'none'}.",
+        "",
+    ]
+    args.report.write_text("\n".join(header + sections) + "\n")
+    print(f"[run_all] wrote {args.report}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
