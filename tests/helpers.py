@@ -1,6 +1,7 @@
 """Small builders shared by the tests."""
 
 import lightning as L
+import torch
 
 from reprozoo.datamodules import SyntheticRegressionDataModule
 from reprozoo.zoo.engression import EngressionRegressor
@@ -30,3 +31,25 @@ def tiny_data(**kwargs) -> SyntheticRegressionDataModule:
     defaults = dict(n_train=256, n_val=64, n_test=64, batch_size=64)
     defaults.update(kwargs)
     return SyntheticRegressionDataModule(**defaults)
+
+
+class TinyClassifier(L.LightningModule):
+    """A linear classifier that knows nothing of reprozoo: datamodule smoke tests fit, validate and test it."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.net = torch.nn.Linear(in_features, num_classes)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self.net(x).argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -12,6 +12,7 @@ from PIL import Image
 from reprozoo.datamodules import AnimalFacesDataModule
 from reprozoo.datamodules.animal_faces import CLASSES
 from tests.conftest import shared_data
+from tests.helpers import TinyClassifier
 
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "wild": (0, 0, 255)}
 
@@ -359,33 +360,12 @@ def test_bad_arguments(kwargs, field):
 # ------------------------------------------------------------------ Lightning
 
 
-class TinyClassifier(L.LightningModule):
-    def __init__(self, in_features: int):
-        super().__init__()
-        self.net = torch.nn.Linear(in_features, 3)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.net(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_acc", (self.net(x).argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_lightning_smoke(tmp_path):
     make_afhq(tmp_path / "data", n_train=4, n_val=2, size=8)
     dm = AnimalFacesDataModule(
         data_dir=str(tmp_path / "data"), image_size=8, flatten=True, batch_size=4, label_noise=0.5
     )
-    model = TinyClassifier(dm.input_shape[0])
+    model = TinyClassifier(dm.input_shape[0], 3)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,

@@ -8,7 +8,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader
 from reprozoo.datamodules import FashionMNISTDataModule
 from reprozoo.datamodules.fashion_mnist import MNISTLikeDataset, read_images, read_labels, shift_image
 from tests.conftest import shared_data
-from tests.helpers import tiny_trainer
+from tests.helpers import TinyClassifier, tiny_trainer
 
 FOLDERS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 STATS = {"fashion_mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
@@ -610,29 +609,17 @@ def test_real_fashion_mnist_images_round_trip_through_idx(tmp_path):
 # ------------------------------------------------------------------ Lightning
 
 
-class IndexedClassifier(L.LightningModule):
+class IndexedClassifier(TinyClassifier):
     """Checks the batch structure: (x, y, index) in training, (x, y) otherwise."""
 
     def __init__(self, in_features: int, n_train: int):
-        super().__init__()
-        self.net = torch.nn.Linear(in_features, 10)
+        super().__init__(in_features, 10)
         self.register_buffer("seen", torch.zeros(n_train, dtype=torch.long))
 
     def training_step(self, batch, batch_idx):
         x, y, index = batch
         self.seen[index] += 1
-        return torch.nn.functional.cross_entropy(self.net(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("test_acc", (self.net(x).argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return super().training_step((x, y), batch_idx)
 
 
 def test_lightning_fit_and_test(tmp_path):
