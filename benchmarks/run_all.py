@@ -46,6 +46,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                       ["--images", "1000", "--corruptions", "gaussian_noise", "defocus_blur", "contrast", "fog",
                        "jpeg_compression", "--grid-corruptions", "gaussian_noise", "--grid-lrs", "0.001", "0.01",
                        "--grid-batches", "50", "200", "--out", "{out}"]),
+    "resume_overhead": ("Exact resume: the resumable training loader vs DataLoader, RNG states in checkpoints",
+                        ["--items", "30000", "--rounds", "3"]),
 }  # fmt: skip
 
 

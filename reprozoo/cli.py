@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import lightning as L
@@ -17,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 # Imported so that their classes resolve by short name in configs and on the command line.
 from reprozoo import callbacks, datamodules
-from reprozoo.zoo import classifier, distillation, engression, nca, nets, registry, tent, trm
+from reprozoo.zoo import _checks, classifier, distillation, engression, nca, nets, registry, tent, trm
 
 _IMPORTED_FOR_CLASS_PATHS = (callbacks, datamodules, classifier, distillation, engression, nca, nets, tent, trm)
 
@@ -45,6 +46,57 @@ class ReprozooCLI(LightningCLI):
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
+    def parse_arguments(self, parser, args) -> None:
+        # jsonargparse reports a YAML syntax error as being in "<unicode string>": name the file first.
+        words = sys.argv[1:] if args is None else args
+        if isinstance(words, (list, tuple)):
+            for path in _config_files(words):
+                problem = _yaml_problem(path)
+                if problem:
+                    parser.error(problem)
+        super().parse_arguments(parser, args)
+        self._check_ckpt_path()  # before LightningCLI reads the checkpoint's hyperparameters into the config
+
+    def _check_ckpt_path(self) -> None:
+        """``--ckpt_path``: a truncated or damaged file, or one written by another model class than the config's,
+        stops here with its name (torch would say only "failed finding central directory", or load a damaged file
+        without noticing; LightningCLI would merge another method's hyperparameters into the config)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if not ckpt_path or not os.path.isfile(ckpt_path):  # "last", "best", URLs: Lightning resolves those
+            return
+        _checks.check_checkpoint_file(ckpt_path)
+        model = config.get("model")
+        class_path = model.get("class_path") if hasattr(model, "get") else None
+        if isinstance(class_path, str):
+            _checks.check_checkpoint_class(ckpt_path, class_path)
+
+
+def _config_files(words: list) -> list[str]:
+    """The existing files given to ``--config`` / ``-c`` (a config may also be given inline, as YAML text)."""
+    found = []
+    for i, word in enumerate(map(str, words)):
+        value = None
+        if word in ("--config", "-c") and i + 1 < len(words):
+            value = str(words[i + 1])
+        elif word.startswith("--config="):
+            value = word.split("=", 1)[1]
+        if value is not None and os.path.isfile(value):
+            found.append(value)
+    return found
+
+
+def _yaml_problem(path: str) -> str | None:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            yaml.compose(fh, Loader=yaml.SafeLoader)  # syntax only: no tags are constructed
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        return f"config file {path} is not valid YAML: {err}"
+    return None
+
 
 def run_lightning(args: list[str] | None = None) -> ReprozooCLI:
     return ReprozooCLI(
@@ -53,7 +105,8 @@ def run_lightning(args: list[str] | None = None) -> ReprozooCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults=TRAINER_DEFAULTS,
+        # Persistent: with the resumable training loaders, a resumed run continues exactly (same random draws).
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [callbacks.RNGStateCheckpoint()]},
         args=args,
     )
 

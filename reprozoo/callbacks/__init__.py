@@ -3,6 +3,7 @@
 from reprozoo.callbacks.frobenius import FrobeniusNormMonitor
 from reprozoo.callbacks.landscape import LossLandscape, load_landscape, random_directions
 from reprozoo.callbacks.predictions import PredictionWriter
+from reprozoo.callbacks.resume import RNGStateCheckpoint
 from reprozoo.callbacks.sudoku import PrintSolvedSudoku
 from reprozoo.callbacks.summary import MetricsSummary
 
@@ -12,6 +13,7 @@ __all__ = [
     "MetricsSummary",
     "PredictionWriter",
     "PrintSolvedSudoku",
+    "RNGStateCheckpoint",
     "load_landscape",
     "random_directions",
 ]

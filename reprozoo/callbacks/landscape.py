@@ -369,9 +369,11 @@ class LossLandscape(L.Callback):
         if loader is None and self._batches is not None:
             return self._batches
         loader = loader if loader is not None else self._source_loader(trainer)
-        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and loader.batch_size:
+        # a loader made with a batch_sampler has batch_size None
+        batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and batch_size:
             # Dataset order, no sampler: the same examples on every rank and at every epoch.
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn)
+            loader = DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn)
         batches = []
         for batch in loader:
             batches.append(batch)

@@ -1,5 +1,6 @@
 """LightningDataModules: real data loaders and the papers' synthetic problems."""
 
+from reprozoo.datamodules._base import ResumableBatchSampler, ResumableDataLoader, SeededRandomSampler
 from reprozoo.datamodules.animal_faces import AnimalFacesDataModule
 from reprozoo.datamodules.cifar10c import CIFAR10CDataModule
 from reprozoo.datamodules.fashion_mnist import FashionMNISTDataModule
@@ -12,6 +13,9 @@ __all__ = [
     "CIFAR10CDataModule",
     "ConcentricRingsDataModule",
     "FashionMNISTDataModule",
+    "ResumableBatchSampler",
+    "ResumableDataLoader",
+    "SeededRandomSampler",
     "SudokuExtremeDataModule",
     "SyntheticRegressionDataModule",
 ]

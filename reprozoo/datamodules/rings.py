@@ -60,6 +60,8 @@ class ConcentricRingsDataModule(_SplitsDataModule):
                 raise ValueError(f"{name}: {field} must be an integer >= 1, got {value!r}")
         if num_classes < 2:
             raise ValueError(f"{name}: num_classes must be >= 2, got {num_classes!r}")
+        if num_workers < 0:
+            raise ValueError(f"{name}: num_workers must be >= 0, got {num_workers!r}")
         if noise_dims < 0:
             raise ValueError(f"{name}: noise_dims must be >= 0, got {noise_dims!r}")
         if not noise_std >= 0 or not ring_width >= 0:

@@ -35,7 +35,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from reprozoo._files import cache_dir, offline, sha256_file, write_atomic
 from reprozoo.datamodules._base import _SplitsDataModule
@@ -822,6 +822,6 @@ class SudokuExtremeDataModule(_SplitsDataModule):
         self.splits["val"] = SudokuDataset(tokens(val_q), tokens(val_a))
         self.splits["test"] = SudokuDataset(tokens(test_q), tokens(test_a))
 
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        return self._loader("train", sampler=EpochSampler(len(self.splits["train"]), hp.train_repeats, True, hp.seed))
+    def _train_sampler(self, seed: int) -> Sampler[int]:
+        hp = self.hparams  # the order has its own seed: it also picks each visit's augmentation
+        return EpochSampler(len(self.splits["train"]), hp.train_repeats, True, hp.seed)

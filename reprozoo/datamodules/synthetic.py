@@ -72,6 +72,14 @@ class SyntheticRegressionDataModule(_SplitsDataModule):
         for field, value in {"n_train": n_train, "n_val": n_val, "n_test": n_test, "batch_size": batch_size}.items():
             if value < 1:
                 raise ValueError(f"SyntheticRegressionDataModule: {field} must be >= 1, got {value}")
+        if noise not in ("pre", "post"):
+            raise ValueError(f"SyntheticRegressionDataModule: noise must be 'pre' or 'post', got {noise!r}")
+        if noise_dist not in ("gaussian", "uniform"):
+            raise ValueError(
+                f"SyntheticRegressionDataModule: noise_dist must be 'gaussian' or 'uniform', got {noise_dist!r}"
+            )
+        if num_workers < 0:
+            raise ValueError(f"SyntheticRegressionDataModule: num_workers must be >= 0, got {num_workers}")
         if noise_std < 0:
             raise ValueError(f"SyntheticRegressionDataModule: noise_std must be >= 0, got {noise_std}")
         self.save_hyperparameters()

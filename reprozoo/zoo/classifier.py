@@ -3,6 +3,10 @@
 It is the baseline of the regularization experiments (Neuromatch Academy DL, W2D1): the penalties ``l1`` and ``l2``
 are added to the loss as that tutorial does, ``weight_decay`` is the optimizer's own, and a net with a max-norm
 constraint (:class:`~reprozoo.zoo.nets.MLP` ``max_norm``) is projected after every optimizer step.
+
+Distributed and XLA: every logged value is a torchmetrics object, exact under DDP (with a dataset size divisible by
+the number of processes: DistributedSampler pads with repeats otherwise). XLA-ready (static shapes, no host
+reads in a step; not run on a TPU here).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from reprozoo.zoo._checks import CheckpointGuard, check_finite_loss
 from reprozoo.zoo.nets import create_net
 from reprozoo.zoo.registry import load_pretrained_into
 
@@ -38,7 +43,7 @@ class _SplitMetrics(nn.Module):
         self.per_class = MulticlassAccuracy(num_classes=num_classes, average="none") if per_class else None
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(CheckpointGuard, L.LightningModule):
     """Supervised classification of ``(x, y)`` batches (``y``: class indices) with any ``nn.Module`` giving logits.
 
     Training objective (``loss(batch)["loss"]``)::
@@ -196,6 +201,7 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         out = self.loss(batch)
         loss, logits, y = out["loss"], out["logits"], out["y"]
+        check_finite_loss(self, loss, batch_idx)
         n = len(y)
         m = self.train_metrics
         # Calling a metric updates its epoch state and returns the batch value (what on_step logs).

@@ -12,6 +12,10 @@ Which term alpha weights is not settled between libraries: here (as in the seed 
 where the soft targets carry most of the weight) alpha weights the soft, distillation term; the Keras distillation
 example, for one, uses alpha for the hard-label term instead. ``alpha=1`` trains on the teacher alone (no labels
 needed).
+
+Distributed and XLA: metrics as :mod:`~reprozoo.zoo.classifier`; each process caches the teacher logits of the
+training items it sees. XLA-ready with ``cache_teacher=False``; with the cache, the lookups are data-dependent and
+the module warns at start-up on XLA.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
+from reprozoo.zoo._checks import check_checkpoint_file
+from reprozoo.zoo._xla import warn_if_xla
 from reprozoo.zoo.classifier import ClassifierModule
 from reprozoo.zoo.registry import WeightsError, _import, list_weights, load_model
 
@@ -83,6 +89,7 @@ def load_teacher(spec: nn.Module | str | os.PathLike) -> nn.Module:
         return load_model(text)
     path = Path(text)
     if path.is_file():
+        check_checkpoint_file(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
         if not class_path:
@@ -232,6 +239,13 @@ class DistillationModule(ClassifierModule):
 
     # ---- training -----------------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.hparams.cache_teacher:
+            warn_if_xla(self, "cache_teacher=True looks up and fills the teacher-logit cache with data-dependent "
+                        "boolean indexing and a host-side `if missing.any()` every step; set cache_teacher=False "
+                        "on XLA (the rest of the module is XLA-ready)")  # fmt: skip
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.hparams.alpha > 0 and self._teacher is None:
@@ -293,3 +307,4 @@ class DistillationModule(ClassifierModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Belt and braces: nothing of the teacher may reach a checkpoint.
         assert not any(k.startswith("_teacher") for k in checkpoint.get("state_dict", {}))
+        super().on_save_checkpoint(checkpoint)

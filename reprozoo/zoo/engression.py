@@ -11,6 +11,10 @@ A generator ``g(x, eps)`` maps covariates and noise to a sample of ``Y | X = x``
 which is a strictly proper scoring rule for beta in (0, 2): its minimiser is the true conditional distribution.
 For pre-additive noise models ``Y = g*(X + eps)`` this also pins ``g`` down *outside* the training support, which
 is the paper's extrapolation result; the L1/L2 baselines (``loss="l1" | "l2"``, a deterministic network) are not.
+
+Distributed and XLA: validation and test scores are torchmetrics (exact under DDP, with a dataset size divisible
+by the number of processes: DistributedSampler pads with repeats otherwise); the standardisation statistics are
+summed over all processes. XLA-ready (static shapes, no host reads in a step; not run on a TPU here).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanMetric
 from torchmetrics.regression import ContinuousRankedProbabilityScore
 
+from reprozoo.zoo._checks import CheckpointGuard, check_finite_loss
 from reprozoo.zoo.networks import NoiseType, StochasticMLP
 from reprozoo.zoo.registry import load_model, load_pretrained_into
 
@@ -47,8 +52,9 @@ def _energy_terms(y: torch.Tensor, samples: torch.Tensor, beta: float) -> tuple[
         return fit, torch.zeros_like(fit)
     # Exact (non-matmul) distances, and the zero diagonal dropped *before* the power: d/dx x^beta is infinite at 0.
     dist = torch.cdist(samples, samples, compute_mode="donot_use_mm_for_euclid_dist")  # (B, m, m)
-    off_diagonal = ~torch.eye(m, dtype=torch.bool, device=samples.device)
-    spread = dist[:, off_diagonal].pow(beta).mean(dim=1)  # (B,)
+    # The off-diagonal entries in row-major order by slicing, not a boolean mask: static shapes (XLA-friendly).
+    off_diagonal = dist.flatten(1)[:, 1:].reshape(-1, m - 1, m + 1)[:, :, :m].flatten(1)  # (B, m (m - 1))
+    spread = off_diagonal.pow(beta).mean(dim=1)  # (B,)
     return fit, spread
 
 
@@ -112,7 +118,7 @@ class _DistributionMetrics(nn.Module):
 # ------------------------------------------------------------------------------------------------------- the module
 
 
-class EngressionRegressor(L.LightningModule):
+class EngressionRegressor(CheckpointGuard, L.LightningModule):
     """Engression (``loss="energy"``) and its L1/L2 regression baselines in one LightningModule.
 
     Args:
@@ -164,6 +170,12 @@ class EngressionRegressor(L.LightningModule):
     ):
         super().__init__()
         _check(in_dim >= 1, "in_dim", in_dim, ">= 1")
+        _check(loss in ("energy", "l1", "l2"), "loss", loss, "'energy', 'l1' or 'l2'")
+        _check(noise_type in ("normal", "uniform"), "noise_type", noise_type, "'normal' or 'uniform'")
+        _check(hidden_dim >= 1, "hidden_dim", hidden_dim, ">= 1")
+        _check(num_layer >= 2, "num_layer", num_layer, ">= 2 (input and output layer)")
+        _check(noise_scale >= 0, "noise_scale", noise_scale, ">= 0")
+        _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
         _check(out_dim >= 1, "out_dim", out_dim, ">= 1")
         _check(0 < beta < 2, "beta", beta, "in (0, 2) (the energy score is strictly proper only there)")
         _check(loss != "energy" or m >= 2, "m", m, ">= 2 for the energy loss (the pairwise term needs two samples)")
@@ -314,6 +326,7 @@ class EngressionRegressor(L.LightningModule):
         else:
             pred = self.generator(f)  # (B, d)
             loss = (pred - y).abs().mean() if self.hparams.loss == "l1" else (pred - y).pow(2).mean()
+        check_finite_loss(self, loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 

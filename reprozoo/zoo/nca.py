@@ -11,6 +11,10 @@ log variant, eq. 5), here over mini-batches. With d << D, kNN then runs in a muc
 Beyond the paper (each a switch): a small non-linear ``encoder`` before A ("deep NCA", Salakhutdinov & Hinton
 2007's direction, not this paper's); a hinge ``margin`` term against collapse; mini-batch training with the batch
 all-gathered across processes.
+
+Distributed and XLA: under DDP the batch is all-gathered (the exact global-batch gradient), the reference set and
+the initialisation use the whole training split on every process, and k-NN accuracies are torchmetrics. Not
+XLA-ready (boolean-mask indexing and a host read per step, float64 eigendecomposition): warned at start-up.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from reprozoo.zoo._checks import CheckpointGuard, check_finite_loss
+from reprozoo.zoo._xla import warn_if_xla
 from reprozoo.zoo.registry import load_model, load_pretrained_into
 
 __all__ = ["NCAModule", "knn_predict", "nca_log_p", "nca_loss", "pca_directions", "lda_directions"]
@@ -142,7 +148,7 @@ def knn_predict(
 # ------------------------------------------------------------------------------------------------------- module
 
 
-class NCAModule(L.LightningModule):
+class NCAModule(CheckpointGuard, L.LightningModule):
     """NCA as a LightningModule: a linear projection A (``out_dim`` x ``in_dim``) trained with :func:`nca_loss` on
     mini-batches, evaluated by k-NN in the learned space against k-NN in the raw input space.
 
@@ -206,6 +212,7 @@ class NCAModule(L.LightningModule):
         check(init in ("identity", "random", "pca", "lda"), "init", init, "'identity', 'random', 'pca' or 'lda'")
         check(init != "identity" or out_dim <= in_dim, "out_dim", out_dim, f"<= in_dim ({in_dim}) with init='identity'")
         check(margin >= 0, "margin", margin, ">= 0")
+        check(margin_weight >= 0, "margin_weight", margin_weight, ">= 0")
         check(lr > 0, "lr", lr, "> 0")
         check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
         check(optimizer in ("adam", "sgd"), "optimizer", optimizer, "'adam' or 'sgd'")
@@ -290,7 +297,8 @@ class NCAModule(L.LightningModule):
         loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
         from torch.utils.data import DataLoader
 
-        return DataLoader(loader.dataset, batch_size=loader.batch_size or 256, shuffle=False, collate_fn=loader.collate_fn)
+        batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 256  # batch_sampler: None
+        return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn)
 
     def on_fit_start(self) -> None:
         for metric in self.modules():  # fresh states outside inference mode (see ClassifierModule.on_fit_start)
@@ -334,6 +342,7 @@ class NCAModule(L.LightningModule):
         loss = -log_p[valid].sum() * world / total_valid.clamp_min(1)
         if self.hparams.margin > 0:
             loss = loss + self.hparams.margin_weight * _margin_term(emb, keys, y, key_labels, self.hparams.margin)
+        check_finite_loss(self, loss, batch_idx)
         if n_valid > 0:
             self.train_loss(-log_p[valid].mean().detach(), n_valid)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
@@ -361,6 +370,9 @@ class NCAModule(L.LightningModule):
         self._timings = {"learned": 0.0, "raw": 0.0, "queries": 0.0}
 
     def setup(self, stage: str) -> None:
+        warn_if_xla(self, "its loss keeps the valid pairs by boolean-mask indexing (shapes that depend on the data) "
+                    "and reads their count on the host every step, the pca/lda initialisation is a float64 "
+                    "eigendecomposition, and the k-NN timings measure graph tracing, not the device")  # fmt: skip
         self._make_metrics(getattr(self.trainer.datamodule, "num_classes", None))
 
     def _make_metrics(self, num_classes: int | None) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from reprozoo import _files
 from reprozoo._files import sha256_file
+from reprozoo.zoo._checks import CheckpointError, check_checkpoint_file
 
 FORMAT = "reprozoo-weights/1"
 PACKAGE_DIR = Path(__file__).parent / "weights"
@@ -268,6 +269,10 @@ def export_checkpoint(
     """
     if "." not in name or not name.replace("_", "").replace(".", "").replace("-", "").isalnum():
         raise WeightsError(f"zoo name {name!r} must look like 'method_arch.data' (letters, digits, '_', '-', '.')")
+    try:
+        check_checkpoint_file(ckpt_path)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise WeightsError(str(err)) from err
     # A Lightning checkpoint also holds optimizer and loop state of arbitrary types; it is the user's own file.
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

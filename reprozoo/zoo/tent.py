@@ -33,6 +33,12 @@ Choices and extensions, each documented where it is made:
   are the same.
 * The official ``forward_and_adapt`` zeroes the gradients after the step; here also before the backward pass, so
   gradients left on the model by someone else cannot leak into the first update.
+
+Distributed and XLA: under DDP each process adapts on its own shard of every domain, dealt round-robin by
+DistributedSampler, so ``norm`` and ``tent`` (batch statistics; in ``tent`` mode also each process's own drifting
+weights) give other results than one process does, while ``source`` gives the same; errors and entropies are
+torchmetrics, the summary files are written by rank zero. ``source`` and ``norm`` are XLA-ready; ``tent`` mode warns
+at start-up on XLA (its optimizer steps run inside the test loop).
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from reprozoo.zoo._checks import CheckpointGuard
+from reprozoo.zoo._xla import warn_if_xla
 
 __all__ = [
     "TentAdapter",
@@ -381,7 +390,7 @@ class _DomainMetrics(nn.Module):
         self.count = SumMetric()
 
 
-class TentModule(L.LightningModule):
+class TentModule(CheckpointGuard, L.LightningModule):
     """Test-time adaptation in Lightning's test loop: ``trainer.test(TentModule(...), datamodule=...)``.
 
     Every test dataloader is a domain (``CIFAR10CDataModule``: one per corruption and severity, named by its
@@ -486,6 +495,12 @@ class TentModule(L.LightningModule):
         return batch[0], (batch[1] if len(batch) > 1 else None)
 
     # ---- test -----------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.mode == "tent":
+            warn_if_xla(self, "mode='tent' takes its own optimizer step inside every test batch, outside the training "
+                        "loop where Lightning's XLA strategy cuts and runs the graph (modes 'source' and 'norm' "
+                        "are XLA-ready)")  # fmt: skip
 
     def _names_for(self, n: int) -> list[str]:
         given = self.hparams.domains

@@ -20,6 +20,11 @@ halt_max_steps. Deviations from the official code, all documented where they occ
   * Deep supervision runs all N_sup steps of a batch inside one ``training_step`` (the paper's pseudo-code)
     rather than the official streaming "carry" that refills halted slots with new puzzles; per-sample halting,
     the exploration rule and the loss weights are the official ones.
+
+Distributed and XLA: under DDP every process takes the same number of supervision (optimizer) steps per batch
+(halting is decided over all processes) and evaluation scores are torchmetrics. Not XLA-ready: halting reads a
+device value on the host after every supervision step and the loss is computed in float64; the module warns at
+start-up on XLA.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
+from reprozoo.zoo._checks import CheckpointGuard, check_finite_loss
+from reprozoo.zoo._xla import warn_if_xla
 from reprozoo.zoo.registry import load_pretrained_into
 
 __all__ = ["TRMConfig", "TinyRecursiveNetwork", "TRMModule", "stablemax_cross_entropy"]
@@ -234,7 +241,7 @@ def _softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 # ----------------------------------------------------------------------------------------------------- module
 
 
-class TRMModule(L.LightningModule):
+class TRMModule(CheckpointGuard, L.LightningModule):
     """TRM with deep supervision, EMA and halting, for puzzles given as token sequences.
 
     Batches are dicts ``{"inputs": (B, L), "labels": (B, L), "puzzle_identifiers": (B,)}`` (tokens: 0 pad, 1 blank,
@@ -298,6 +305,22 @@ class TRMModule(L.LightningModule):
         for field, value in {"n": n, "T": T, "n_sup": n_sup, "eval_k": eval_k, "num_layers": num_layers}.items():
             if value < 1:
                 raise ValueError(f"TRMModule: {field} must be >= 1, got {value}")
+        for field, value in {"hidden_size": hidden_size, "vocab_size": vocab_size, "seq_len": seq_len}.items():
+            if value < 1:
+                raise ValueError(f"TRMModule: {field} must be >= 1, got {value}")
+        for field, value in {"lr": lr, "puzzle_emb_lr": puzzle_emb_lr, "expansion": expansion}.items():
+            if not value > 0:
+                raise ValueError(f"TRMModule: {field} must be > 0, got {value}")
+        for field, value in {"weight_decay": weight_decay, "puzzle_emb_weight_decay": puzzle_emb_weight_decay,
+                             "warmup_steps": warmup_steps, "halt_loss_weight": halt_loss_weight}.items():  # fmt: skip
+            if not value >= 0:
+                raise ValueError(f"TRMModule: {field} must be >= 0, got {value}")
+        for field, value, choices in (("loss", loss, ("stablemax", "softmax")), ("mixer", mixer, ("mlp", "attention")),
+                                      ("eval_select", eval_select, ("confidence", "vote"))):  # fmt: skip
+            if value not in choices:
+                raise ValueError(f"TRMModule: {field} must be one of {', '.join(choices)}, got {value!r}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"TRMModule: betas must be two numbers in [0, 1), got {betas}")
         if n_sup_eval is not None and n_sup_eval < 1:
             raise ValueError(f"TRMModule: n_sup_eval must be >= 1, got {n_sup_eval}")
         if not 0 <= ema_decay < 1:
@@ -327,6 +350,9 @@ class TRMModule(L.LightningModule):
             if ema_decay > 0
             else None
         )
+        if self.ema is not None:
+            # Updated by averaging, never by gradients: without this DDP counts its copy as unused parameters.
+            self.ema.requires_grad_(False)
         self.loss_fn = stablemax_cross_entropy if loss == "stablemax" else _softmax_cross_entropy
         # Training randomness (exploration, depth draws) has its own generator, saved in checkpoints, so that a
         # resumed run draws exactly what an uninterrupted one would.
@@ -378,6 +404,11 @@ class TRMModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ training
 
+    def setup(self, stage: str) -> None:
+        warn_if_xla(self, "deep supervision decides on the host after every supervision step whether any sample is "
+                    "still active (a device-to-host read and a new graph per step), takes several optimizer steps "
+                    "per batch by hand, and computes the stablemax loss in float64")  # fmt: skip
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         inputs, labels, ids = self._unpack(batch)
         b = inputs.shape[0]
@@ -407,6 +438,7 @@ class TRMModule(L.LightningModule):
             weight = active.to(lm_loss.dtype)
             # Normalised by the batch size (not the active count), as the official 1 / global_batch_size.
             loss = ((lm_loss + self.hparams.halt_loss_weight * halt_loss) * weight).sum() / b
+            check_finite_loss(self, loss, batch_idx, f", supervision step {step} of {n_sup}")
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             optimizer.step()
@@ -443,8 +475,10 @@ class TRMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["trm_rng_state"] = self._rng.get_state()
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # refuses another method's checkpoint first
         if "trm_rng_state" in checkpoint:
             self._rng.set_state(checkpoint["trm_rng_state"])
 
