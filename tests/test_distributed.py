@@ -182,6 +182,16 @@ def _keys(metrics: dict[str, float], prefix: str, skip: tuple[str, ...] = ()) ->
     return sorted(k for k in metrics if k.startswith(prefix) and not any(s in k for s in skip))
 
 
+def _compare_with_one_process(run: Run, tmp_path, skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """``test`` and ``validate`` of the run's last.ckpt in one process: every test/ and val/ metric the DDP run
+    logged must agree. Returns the one-process test metrics."""
+    test = run.one_process("test", tmp_path)
+    _compare(run, test, _keys(test, "test/", skip))
+    val = run.one_process("validate", tmp_path)
+    _compare(run, val, _keys(val, "val/", skip))
+    return test
+
+
 # ------------------------------------------------------------------------------------------------------ engression
 
 
@@ -205,10 +215,7 @@ def test_engression_ddp(engression_run, tmp_path):
     _check_one_writer(run, set())
     _check_split(run, n_train=300, batch_size=50, epochs=2)
     assert run.checkpoint()["global_step"] == 6
-    test = run.one_process("test", tmp_path)
-    _compare(run, test, _keys(test, "test/"))
-    val = run.one_process("validate", tmp_path)
-    _compare(run, val, _keys(val, "val/"))
+    _compare_with_one_process(run, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------------ TRM
@@ -234,10 +241,7 @@ def test_trm_ddp_manual_optimisation_and_ema(trm_run, tmp_path):
     _check_split(run, n_train=48, batch_size=8, epochs=2)
     assert 6 <= run.checkpoint()["global_step"] <= 12  # 1 or 2 supervision (optimizer) steps per batch
     assert run.stdout.count("answer (") == 1  # PrintSolvedSudoku: rank zero only
-    test = run.one_process("test", tmp_path)
-    _compare(run, test, _keys(test, "test/"))  # evaluation uses the EMA weights: the same on both ranks
-    val = run.one_process("validate", tmp_path)
-    _compare(run, val, _keys(val, "val/"))
+    _compare_with_one_process(run, tmp_path)  # evaluation uses the EMA weights: the same on both ranks
 
 
 # ------------------------------------------------------------------------------------------------------ classifier
@@ -269,11 +273,8 @@ def test_classifier_and_both_callbacks_ddp(classifier_run, tmp_path):
     _check_one_writer(run, landscape | {"frobenius_norm/norms_epoch1.png"})
     _check_split(run, n_train=400, batch_size=50, epochs=2)
     assert run.checkpoint()["global_step"] == 8
-    test = run.one_process("test", tmp_path)
-    _compare(run, test, _keys(test, "test/"))  # loss, accuracy and the 10 per-class accuracies
+    test = _compare_with_one_process(run, tmp_path)  # loss, accuracy and the 10 per-class accuracies
     assert len(_keys(test, "test/acc_class/")) == 10
-    val = run.one_process("validate", tmp_path)
-    _compare(run, val, _keys(val, "val/"))
 
     # FrobeniusNormMonitor (rank zero logs): the norm of the final weights.
     model = ClassifierModule.load_from_checkpoint(run.ckpt, map_location="cpu")
@@ -307,10 +308,7 @@ def test_distillation_ddp(distillation_run, tmp_path):
     _check_split(run, n_train=400, batch_size=50, epochs=2)
     assert run.checkpoint()["global_step"] == 8
     assert not any("teacher" in k for k in run.checkpoint()["state_dict"])
-    test = run.one_process("test", tmp_path)
-    _compare(run, test, _keys(test, "test/"))
-    val = run.one_process("validate", tmp_path)
-    _compare(run, val, _keys(val, "val/"))
+    _compare_with_one_process(run, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------------ NCA
@@ -333,10 +331,7 @@ def test_nca_ddp(nca_run, tmp_path):
     _check_one_writer(run, {"nca/embedding_epoch2.png"})
     _check_split(run, n_train=100, batch_size=25, epochs=2)
     assert run.checkpoint()["global_step"] == 4
-    test = run.one_process("test", tmp_path)
-    _compare(run, test, _keys(test, "test/", skip=("_ms_",)))  # k-NN accuracies and reference sizes; not timings
-    val = run.one_process("validate", tmp_path)
-    _compare(run, val, _keys(val, "val/", skip=("_ms_",)))
+    _compare_with_one_process(run, tmp_path, skip=("_ms_",))  # k-NN accuracies and reference sizes; not timings
 
 
 # ------------------------------------------------------------------------------------------------------ TENT
