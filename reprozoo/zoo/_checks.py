@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextvars
 import importlib
 import os
-import pickletools
 import sys
 import zipfile
 import zlib
@@ -157,33 +156,9 @@ def _mismatch(cls: type, writer: str, source: str) -> CheckpointError:
     )
 
 
-def _recorded_writer(path) -> str | None:
-    """Our record in a ``torch.save`` archive, read from the pickle's opcodes without unpickling (no code runs,
-    no tensor is read)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            data = archive.read(next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")))
-        previous = None
-        for op, arg, _ in pickletools.genops(data):
-            if op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
-                continue  # the memo entry between a dict key and its value
-            if isinstance(arg, str) and "UNICODE" in op.name:
-                if previous == RECORD_KEY:
-                    return arg
-                previous = arg
-            else:
-                previous = None
-    except Exception:  # noqa: BLE001 - no record to be found: the caller goes on without one
-        return None
-    return None
-
-
 def _read_writer(path) -> str | None:
-    """The writer's class path of a checkpoint file: our record, else LightningCLI's ``_class_path`` where the file
-    loads with ``weights_only=True``; None when neither can be had."""
-    recorded = _recorded_writer(path)
-    if recorded is not None:
-        return recorded
+    """The writer's class path of a checkpoint file (our record, else LightningCLI's ``_class_path``), where the
+    file loads with ``weights_only=True`` (no code runs); None when it does not or names no writer."""
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # tensors stay on disk
     except Exception:  # noqa: BLE001 - e.g. objects outside the weights_only allowlist
