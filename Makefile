@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.reprozoo-installed
 
-.PHONY: install quickstart test benchmark-engression
+.PHONY: install quickstart test test-slow test-all benchmark-engression
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,15 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	REPROZOO_OFFLINE=1 $(PY) cli.py fit --config configs/quickstart.yaml
 
+# The fast tier (pyproject's addopts deselect @pytest.mark.slow); test-slow is only the slow tier.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow" tests
 
 benchmark-engression: $(STAMP)
 	$(PY) benchmarks/engression_fig4.py

@@ -4,11 +4,55 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
+
+from reprozoo._files import data_root
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"  # read in place, never copied (see its README)
+# The first words of the message of a benchmark stopped for missing data (exit status 2): run_all.py reports such a
+# benchmark as skipped, not failed.
+MISSING_DATA = "missing data:"
+
+
+def shown(path: Path) -> str:
+    """``path`` as the benchmarks print and record it: ``$REPROZOO_DATA/...`` under the data root, relative under the
+    project, else only its last part (no folder of one machine in a report)."""
+    path = Path(path).expanduser().resolve()
+    for base, name in ((data_root().expanduser().resolve(), "$REPROZOO_DATA"), (ROOT, "")):
+        if path.is_relative_to(base):
+            rel = path.relative_to(base).as_posix()
+            return "/".join(part for part in (name, "" if rel == "." else rel) if part) or "."
+    return f".../{path.name}"
+
+
+def stop_missing_data(script: str, files: Iterable[str], folder: Path, *, other_fix: str = "") -> NoReturn:
+    """Stop at once (exit status 2, one line on stderr, no traceback): ``files`` are not in ``folder``; the message
+    says how to point the script at them, and ``other_fix`` (e.g. ``"run with --download"``) when there is one."""
+    fixes = ["set REPROZOO_DATA to the data root that holds them (README, Data)", "pass --data-dir DIR"]
+    fixes += [other_fix] if other_fix else []
+    how = ", ".join(fixes[:-1]) + f" or {fixes[-1]}"
+    print(f"{script}: {MISSING_DATA} {', '.join(files)} not found in {folder}; {how}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def missing_idx_files(folder: Path, names: Iterable[str], torchvision_name: str) -> list[str]:
+    """The official idx files among ``names`` (without ``.gz``) that the MNIST / Fashion-MNIST datamodule would not
+    find in ``folder``: [] when all of them are there (flat) or all in torchvision's ``<torchvision_name>/raw``,
+    gzipped or not; else those missing from ``folder``."""
+
+    def missing(place: Path) -> list[str]:
+        return [f"{n}.gz" for n in names if not any((place / c).is_file() for c in (f"{n}.gz", n))]
+
+    flat = missing(folder)
+    return [] if not flat or not missing(folder / torchvision_name / "raw") else flat
+
+
+MNIST_TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 
 
 def quiet_lightning(offline: bool = True) -> None:

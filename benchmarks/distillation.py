@@ -7,11 +7,11 @@
 4. the mythical-3 experiment: no 3 in the transfer set, small net on hard labels vs distilled (T = 4), the distilled
    one also with the paper's bias adjustment (+3.5 on the 3's logit at test time).
 
-Data: the real MNIST test images (``--data-dir``, default ``../shared/data/mnist``, a flat folder of the idx files):
-``--train`` (8,000) for training, of which ``--val`` (500) held out, and ``--test`` (2,000) for testing, split
-stratified and seeded. The paper and the seed train on the 60,000 MNIST training images, so errors here are higher;
-both are in the table. ``--export DIR`` writes the teacher and the T = 4 student as zoo entries (float16 weights),
-with the metrics measured from those files.
+Data: the real MNIST test images (``--data-dir``, default ``$REPROZOO_DATA/mnist``, a flat folder of the idx files;
+the script stops when they are not there): ``--train`` (8,000) for training, of which ``--val`` (500) held out, and
+``--test`` (2,000) for testing, split stratified and seeded. The paper and the seed train on the 60,000 MNIST
+training images, so errors here are higher; both are in the table. ``--export DIR`` writes the teacher and the
+T = 4 student as zoo entries (float16 weights), with the metrics measured from those files.
 
     python benchmarks/distillation.py                     # writes benchmarks/results/distillation.md
     python benchmarks/distillation.py --epochs 5 --train 2000 --test 500   # a quick look
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from _common import ROOT, SHARED_DATA, quiet_lightning
+from _common import MNIST_TEST_FILES, ROOT, missing_idx_files, quiet_lightning, stop_missing_data
+from reprozoo._files import data_path, data_root, write_atomic
 from reprozoo.cli import run_lightning
 
-SHARED_MNIST = SHARED_DATA / "mnist"
 CONFIGS = ROOT / "configs" / "distillation"
 # The seed notebook's test accuracies (full MNIST): what our runs are compared with.
 SEED = {"teacher": 0.9901, "small": 0.9833, "distilled T=4": 0.9891, "small, no 3s": 0.8882, "distilled T=4, no 3s": 0.9869}
@@ -94,7 +94,7 @@ def export(results: dict[str, dict], out: Path, args: argparse.Namespace) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=SHARED_MNIST)
+    parser.add_argument("--data-dir", type=data_path, default=None, help="default: $REPROZOO_DATA/mnist")
     parser.add_argument("--train", type=int, default=8000)
     parser.add_argument("--val", type=int, default=500)
     parser.add_argument("--test", type=int, default=2000)
@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--export", type=Path, default=None, help="write the two zoo entries into this folder")
     args = parser.parse_args()
+    args.data_dir = args.data_dir or data_root() / "mnist"
+    if missing := missing_idx_files(args.data_dir, MNIST_TEST_FILES, "MNIST"):
+        stop_missing_data("distillation.py", missing, args.data_dir)
     quiet_lightning()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +139,7 @@ def main() -> None:
     if exported:
         lines += ["", "Zoo entries (float16 weights, metrics measured from the exported files):", *exported]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distillation.md").write_text("\n".join(lines) + "\n")
+    write_atomic(args.out / "distillation.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 

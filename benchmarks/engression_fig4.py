@@ -18,6 +18,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from reprozoo._files import save_figure, write_atomic
 
 FUNCTIONS = ["softplus", "square", "cubic", "log"]
 METHODS = {"engression": "energy", "L1": "l1"}
@@ -131,7 +132,7 @@ def make_figure(results: list[dict], args, path: Path) -> None:
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle("Engression vs L1 regression, trained on x in [0, 2] (left of the dotted line)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -164,7 +165,7 @@ def main() -> None:
             )
     args.out.mkdir(parents=True, exist_ok=True)
     table = make_table(results, args)
-    (args.out / "engression_fig4.md").write_text(table + "\n")
+    write_atomic(args.out / "engression_fig4.md", (table + "\n").encode())
     make_figure(results, args, args.out / "engression_fig4.png")
     print()
     print(table)

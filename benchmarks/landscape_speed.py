@@ -8,8 +8,10 @@ Rows: ``classic loop`` re-reads the loader at every point (items converted from 
 ``ToTensor`` + ``Normalize`` do); ``loop, batches read once`` is the same loop over batches kept in memory (what
 the callback's own loop does); then the callback in each mode. Speed-ups are against the classic loop.
 
-Data: the first ``--batches`` x ``--batch`` real CIFAR-10 test images of ``../shared/data/cifar10/test_jpeg_q75.npz``
-when that file exists, else seeded random images of the same shape (the timings do not depend on the pixels).
+Data: the first ``--batches`` x ``--batch`` real CIFAR-10 test images of ``test_jpeg_q75.npz`` in ``--data-dir``
+(default ``$REPROZOO_DATA/cifar10``); the script stops when that file is not there, unless ``--random-images``
+asks for seeded random images of the same shape instead (the timings do not depend on the pixels; the output then
+says "random images, not real data").
 
     python benchmarks/landscape_speed.py                 # 21 x 21, 4 batches of 128, CNN and MLP, chunk 32
     python benchmarks/landscape_speed.py --chunks 8 32 64 --resolution 11
@@ -31,12 +33,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from _common import shown, stop_missing_data
+from reprozoo._files import data_path, data_root
 from reprozoo.callbacks import LossLandscape
 from reprozoo.callbacks.landscape import random_directions
 from reprozoo.zoo.classifier import ClassifierModule
 from reprozoo.zoo.nets import MLP, ConvNet
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "test_jpeg_q75.npz"
+NPZ = "test_jpeg_q75.npz"
 
 
 class _Uint8Images(torch.utils.data.Dataset):
@@ -53,17 +57,18 @@ class _Uint8Images(torch.utils.data.Dataset):
         return (self.x[i].permute(2, 0, 1).float().div(255) - 0.5) / 0.5, self.y[i]
 
 
-def _images(n: int) -> tuple[_Uint8Images, str]:
-    if SHARED_CIFAR.exists():
-        with np.load(SHARED_CIFAR) as data:
+def _images(n: int, npz: Path | None) -> tuple[_Uint8Images, str]:
+    """The first ``n`` images of ``npz``, or ``n`` seeded random ones when ``npz`` is None (``--random-images``)."""
+    if npz is not None:
+        with np.load(npz) as data:
             x = torch.from_numpy(data["x"][:n])
             y = torch.from_numpy(data["y"][:n]).long()
-        source = f"{n} real CIFAR-10 test images (JPEG q75)"
+        source = f"{n} real CIFAR-10 test images (JPEG q75, {shown(npz)})"
     else:
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
         y = torch.randint(0, 10, (n,), generator=g)
-        source = f"{n} random 32x32 images (../shared absent)"
+        source = f"{n} seeded random 32x32 images (--random-images: random images, not real data)"
     return _Uint8Images(x, y), source
 
 
@@ -104,7 +109,7 @@ def loop_landscape(model: ClassifierModule, batches, resolution: int, span: floa
 
 
 def landscape_table(args: argparse.Namespace) -> None:
-    dataset, source = _images(args.batches * args.batch)
+    dataset, source = _images(args.batches * args.batch, None if args.random_images else args.data_dir / NPZ)
     loader = DataLoader(dataset, batch_size=args.batch)
     batches = list(loader)
     points = args.resolution**2
@@ -167,6 +172,8 @@ def frobenius_table(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=data_path, default=None, help="default: $REPROZOO_DATA/cifar10")
+    parser.add_argument("--random-images", action="store_true", help=f"seeded random images instead of {NPZ}")
     parser.add_argument("--resolution", type=int, default=21)
     parser.add_argument("--span", type=float, default=1.0)
     parser.add_argument("--batches", type=int, default=4)
@@ -177,6 +184,9 @@ def main() -> None:
     parser.add_argument("--frobenius-steps", type=int, default=300)
     parser.add_argument("--frobenius-rounds", type=int, default=5)
     args = parser.parse_args()
+    args.data_dir = args.data_dir or data_root() / "cifar10"
+    if not args.random_images and not (args.data_dir / NPZ).is_file():
+        stop_missing_data("landscape_speed.py", [NPZ], args.data_dir, other_fix="run with --random-images")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -3,9 +3,10 @@ from the three configs in ``configs/memorization/``, run through the CLI in this
 Neuromatch regularization tutorial: train and validation accuracy per epoch for the three label settings, and the
 Frobenius norm per layer at the start and at the end of training.
 
-Data: ``--data-dir`` (a folder holding ``afhq/train/<class>/``); by default ``../shared/data`` when it exists (41 real
-AFHQ images: the whole set is used, 20 % held out for validation), else the configs' own (AFHQ downloaded into the
-cache, 100 train / 100 val).
+Data: ``--data-dir``, a folder holding ``afhq/train/{cat,dog,wild}/`` (default: the data root, ``$REPROZOO_DATA``).
+A small sample (no ``afhq/val/`` and fewer than 200 training images, like the data root's 41 real AFHQ images) is
+used whole, 20 % held out for validation; the full AFHQ gets the configs' subsets (100 train / 100 val). The script
+stops when the images are not there, unless ``--download`` lets the datamodule fetch AFHQ into ``--data-dir``.
 
     python benchmarks/memorization.py                          # writes benchmarks/results/memorization.{png,md}
     python benchmarks/memorization.py --max-epochs 100 --out runs/memorization
@@ -18,11 +19,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, SHARED_DATA, quiet_lightning
+from _common import ROOT, quiet_lightning, shown, stop_missing_data
+from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.callbacks import FrobeniusNormMonitor
 from reprozoo.cli import run_lightning
 
 SETTINGS = {"real labels": "real_labels", "15 % random labels": "partly_random", "random labels": "fully_random"}
+CLASSES = ("cat", "dog", "wild")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}  # what AnimalFacesDataModule reads
+SMALL = 200  # the configs' num_train + num_val: a sample with fewer training images is used whole
+
+
+def count_images(folder: Path) -> int:
+    """The images in ``folder/{cat,dog,wild}/`` (0 when a class folder is missing or empty: not usable)."""
+    counts = [
+        sum(1 for p in (folder / c).iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        if (folder / c).is_dir()
+        else 0
+        for c in CLASSES
+    ]
+    return sum(counts) if all(counts) else 0
 
 
 def _scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
@@ -40,10 +56,9 @@ def run_setting(config: str, args: argparse.Namespace, work: Path) -> dict:
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
     if args.max_epochs:
         argv += ["--trainer.max_epochs", str(args.max_epochs)]
-    if args.data_dir:
-        argv += ["--data.init_args.data_dir", str(args.data_dir)]
-        if args.data_dir.resolve() == SHARED_DATA.resolve():  # 41 images: all of them, 20 % held out
-            argv += ["--data.init_args.num_train", "null", "--data.init_args.num_val", "null"]
+    argv += ["--data.init_args.data_dir", str(args.data_dir)]
+    if args.small:  # e.g. 41 images: all of them, 20 % held out
+        argv += ["--data.init_args.num_train", "null", "--data.init_args.num_val", "null"]
     start = time.perf_counter()
     cli = run_lightning(argv)
     seconds = time.perf_counter() - start
@@ -110,26 +125,30 @@ def figure(results: dict[str, dict]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA if (SHARED_DATA / "afhq").exists() else None)
+    parser.add_argument("--data-dir", type=data_path, default=None, help="holds afhq/train/ (default: the data root)")
+    parser.add_argument("--download", action="store_true", help="download AFHQ into --data-dir when it is missing")
     parser.add_argument("--max-epochs", type=int, default=None, help="override the configs' max_epochs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=None, help="where the runs log (default: a temporary folder)")
     args = parser.parse_args()
-    quiet_lightning(offline=args.data_dir is not None)
+    args.data_dir = args.data_dir or data_root()
+    train_dir = args.data_dir / "afhq" / "train"
+    n_images = count_images(train_dir)
+    if not n_images and not args.download:
+        files = [f"afhq/train/{c}/*.jpg" for c in CLASSES]
+        stop_missing_data("memorization.py", files, args.data_dir, other_fix="run with --download to fetch AFHQ there")
+    args.small = 0 < n_images < SMALL and not (args.data_dir / "afhq" / "val").is_dir()
+    quiet_lightning(offline=not args.download)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         results = {label: run_setting(config, args, work) for label, config in SETTINGS.items()}
         args.out.mkdir(parents=True, exist_ok=True)
-        figure(results).savefig(args.out / "memorization.png", dpi=110)
+        save_figure(figure(results), args.out / "memorization.png", dpi=110)
 
     first = next(iter(results.values()))
-    if args.data_dir is None:
-        source = "AFHQ downloaded into the cache"
-    elif args.data_dir.resolve() == SHARED_DATA.resolve():
-        source = "../shared/data/afhq (41 real AFHQ images)"
-    else:
-        source = f"{args.data_dir.name}/afhq"
+    n_images = count_images(train_dir)  # after any download
+    source = f"{shown(args.data_dir / 'afhq')} ({n_images} real AFHQ {'images' if args.small else 'training images'})"
     lines = [
         "# Memorization: BigAnimalNet on AFHQ with real, partly random and random labels",
         "",
@@ -148,7 +167,7 @@ def main() -> None:
         )
     lines += ["", "Chance is 1/3. With this few validation images the val accuracies are coarse (steps of "
               f"1/{first['n_val']})."]  # fmt: skip
-    (args.out / "memorization.md").write_text("\n".join(lines) + "\n")
+    write_atomic(args.out / "memorization.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 

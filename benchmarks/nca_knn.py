@@ -8,8 +8,8 @@
    straightforward implementation (pairwise squared distances, exp, masked diagonal, normalise, sum the same
    class, log), for several batch sizes, and whether each stays finite.
 
-Data: the real MNIST test images of ``../shared/data/mnist`` (a flat folder of the idx files; ``--data-dir``),
-split seeded and stratified. Writes ``benchmarks/results/nca_knn.{md,png}``.
+Data: the real MNIST test images of ``$REPROZOO_DATA/mnist`` (a flat folder of the idx files; ``--data-dir``),
+split seeded and stratified; the script stops when they are not there. Writes ``benchmarks/results/nca_knn.{md,png}``.
 
     python benchmarks/nca_knn.py
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from _common import ROOT, SHARED_DATA, quiet_lightning
+from _common import MNIST_TEST_FILES, ROOT, missing_idx_files, quiet_lightning, stop_missing_data
+from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.datamodules import FashionMNISTDataModule
 from reprozoo.datamodules.rings import ConcentricRingsDataModule
 from reprozoo.zoo.nca import NCAModule, knn_predict, nca_loss, pca_directions
@@ -161,21 +162,24 @@ def step_times(sizes: list[int]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA / "mnist")
+    parser.add_argument("--data-dir", type=data_path, default=None, help="default: $REPROZOO_DATA/mnist")
     parser.add_argument("--reference", type=int, default=8000)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    args.data_dir = args.data_dir or data_root() / "mnist"
+    if missing := missing_idx_files(args.data_dir, MNIST_TEST_FILES, "MNIST"):
+        stop_missing_data("nca_knn.py", missing, args.data_dir)
     quiet_lightning()
     lines = [f"# NCA + kNN (`python benchmarks/nca_knn.py`, {time.strftime('%Y-%m-%d')}, CPU)", ""]
     lines += mnist(args) + [""]
     ring_lines, fig = rings(args.out)
     lines += ring_lines + [""] + step_times([256, 1024, 4096])
     args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / "nca_knn.png", dpi=100)
-    (args.out / "nca_knn.md").write_text("\n".join(lines) + "\n")
+    save_figure(fig, args.out / "nca_knn.png", dpi=100)
+    write_atomic(args.out / "nca_knn.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from reprozoo._files import save_figure
 
 
 def read_scalars(log_dir: Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -47,7 +48,7 @@ def main() -> None:
     ax.set_title(args.title or str(args.log_dir))
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    save_figure(fig, args.out, dpi=110)
     print(f"wrote {args.out}")
     print("| step | " + " | ".join(args.tags) + " |")
     print("|---" * (len(args.tags) + 1) + "|")

@@ -7,8 +7,9 @@ the mean rise of the training loss over the grid points at distance ``--radius``
 directions) from the final weights, above the loss at the weights themselves.
 
 Data: Fashion-MNIST's images are not on this project's machines, so by default the study runs on the real MNIST
-test images of ``../shared/data/mnist`` (``--train`` for training, of which ``--val`` held out, ``--test`` for
-testing); ``--dataset fashion_mnist --data-dir DIR`` runs it on Fashion-MNIST in torchvision's layout.
+test images of ``$REPROZOO_DATA/mnist`` (``--train`` for training, of which ``--val`` held out, ``--test`` for
+testing); ``--dataset fashion_mnist`` runs it on Fashion-MNIST (``$REPROZOO_DATA/fashion_mnist``, or
+``--data-dir DIR``; flat or torchvision's layout). The script stops when the idx files are not there.
 
     python benchmarks/regularization.py              # writes benchmarks/results/regularization.{png,md}
 """
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import MNIST_TEST_FILES, MNIST_TRAIN_FILES, ROOT, missing_idx_files, quiet_lightning, stop_missing_data
+from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.callbacks import FrobeniusNormMonitor, LossLandscape, load_landscape
-from _common import ROOT, SHARED_DATA, quiet_lightning
 from reprozoo.cli import run_lightning
 
-SHARED_MNIST = SHARED_DATA / "mnist"
 VARIANTS = ["plain", "batchnorm", "layernorm", "dropout", "l1", "l2"]
 
 
@@ -110,7 +111,7 @@ def figure(results: dict[str, dict], radius: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default="mnist")
-    parser.add_argument("--data-dir", type=Path, default=SHARED_MNIST)
+    parser.add_argument("--data-dir", type=data_path, default=None, help="default: $REPROZOO_DATA/<dataset>")
     parser.add_argument("--train", type=int, default=8000)
     parser.add_argument("--val", type=int, default=1000)
     parser.add_argument("--test", type=int, default=2000)
@@ -118,12 +119,17 @@ def main() -> None:
     parser.add_argument("--radius", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    args.data_dir = args.data_dir or data_root() / args.dataset
+    needed = MNIST_TEST_FILES if args.dataset == "mnist" else MNIST_TRAIN_FILES + MNIST_TEST_FILES
+    torchvision_name = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[args.dataset]
+    if missing := missing_idx_files(args.data_dir, needed, torchvision_name):
+        stop_missing_data("regularization.py", missing, args.data_dir)
     quiet_lightning()
 
     with tempfile.TemporaryDirectory() as tmp:
         results = {v: run(v, args, Path(tmp)) for v in VARIANTS}
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(results, args.radius).savefig(args.out / "regularization.png", dpi=100)
+    save_figure(figure(results, args.radius), args.out / "regularization.png", dpi=100)
     data = (f"{args.train - args.val} training / {args.val} validation / {args.test} test images from the real MNIST "
             "test set" if args.dataset == "mnist" else "Fashion-MNIST")  # fmt: skip
     lines = [
@@ -139,7 +145,7 @@ def main() -> None:
     for name, r in results.items():
         lines.append(f"| {name} | {min(r['val_loss']):.4f} | {r['val_loss'][-1]:.4f} | {r['val_acc']:.4f} | "
                      f"{r['test_acc']:.4f} | {r['norm']:.1f} | {r['sharpness']:.4f} | {r['seconds']:.0f} |")  # fmt: skip
-    (args.out / "regularization.md").write_text("\n".join(lines) + "\n")
+    write_atomic(args.out / "regularization.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 

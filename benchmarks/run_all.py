@@ -6,6 +6,11 @@ alone); its printed tables are collected into ``benchmarks/REPORT.md`` with the 
 the wall time of each. A benchmark that fails is reported as failed with the end of its output, and the others
 still run; the exit status is non-zero when any failed.
 
+Real data comes from the data root, ``$REPROZOO_DATA`` (default ``~/.cache/reprozoo/data``; see README, Data),
+passed on to every benchmark (as an absolute path). A benchmark whose data is not there stops with a one-line
+``missing data:`` message (exit status 2); it is reported as skipped with that reason, and does not make the exit
+status non-zero, unless ``REPROZOO_REQUIRE_DATA=1`` (as in CI) makes a skip a failure.
+
     python benchmarks/run_all.py                     # all of them, about 10-15 minutes on 2 CPU cores
     python benchmarks/run_all.py --only nca_knn tent_cifar10c
     python benchmarks/run_all.py --list
@@ -23,8 +28,12 @@ from pathlib import Path
 
 import torch
 
+from reprozoo._files import data_root, write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
+MISSING_DATA = "missing data:"  # = _common.MISSING_DATA (tests load this file without benchmarks/ on sys.path)
+REQUIRE_DATA = os.environ.get("REPROZOO_REQUIRE_DATA", "").strip().lower() in {"1", "true", "yes", "on"}
 
 # name -> (what it measures, arguments at a CPU-sized setting; "{out}" is the benchmark's output folder)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
@@ -57,16 +66,25 @@ def machine() -> str:
             f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads); GPU: {gpu}")  # fmt: skip
 
 
-def run(name: str, args: list[str], out: Path) -> tuple[bool, float, str]:
+def run(name: str, args: list[str], out: Path) -> tuple[str, float, str]:
+    """Run one benchmark: ("ok" | "skipped" | "failed", seconds, its output; for a skip, the one-line reason)."""
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(HERE / f"{name}.py"), *[a.replace("{out}", str(out)) for a in args]]
+    # The data root as an absolute path: a relative REPROZOO_DATA would otherwise be read from ROOT, not from here.
+    env = {**os.environ, "REPROZOO_DATA": str(data_root().expanduser().resolve())}
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
-    text = proc.stdout.strip()
-    if proc.returncode != 0:
-        text = (text + "\n" + proc.stderr.strip()[-3000:]).strip()
-    return proc.returncode == 0, seconds, text.replace(str(ROOT) + os.sep, "")  # paths relative to the project
+    text, stderr = proc.stdout.strip(), proc.stderr.strip()
+    last = stderr.splitlines()[-1] if stderr else ""
+    if proc.returncode == 2 and MISSING_DATA in last:
+        status, text = "skipped", last
+    elif proc.returncode != 0:
+        status, text = "failed", (text + "\n" + stderr[-3000:]).strip()
+    else:
+        status = "ok"
+    # Paths relative to the project, the data root named as such: no folder of this machine in the report.
+    return status, seconds, text.replace(str(ROOT) + os.sep, "").replace(env["REPROZOO_DATA"], "$REPROZOO_DATA")
 
 
 def _demote_headings(text: str) -> str:
@@ -87,23 +105,29 @@ def main() -> int:
         return 0
     names = args.only or list(BENCHMARKS)
     started = time.strftime("%Y-%m-%d %H:%M")
-    sections, failed = [], []
+    sections, failed, skipped = [], [], []
     for name in names:
         what, bench_args = BENCHMARKS[name]
         out = args.out / name
         print(f"[run_all] {name} ...", flush=True)
-        ok, seconds, text = run(name, bench_args, out)
-        print(f"[run_all] {name}: {'ok' if ok else 'FAILED'} in {seconds:.0f} s", flush=True)
-        if not ok:
+        status, seconds, text = run(name, bench_args, out)
+        if status == "skipped":
+            print(f"[run_all] {name}: skipped, {text}", flush=True)
+            skipped.append(name)
+        else:
+            print(f"[run_all] {name}: {'ok' if status == 'ok' else 'FAILED'} in {seconds:.0f} s", flush=True)
+        if status == "failed":
             failed.append(name)
         shown_args = " ".join(a.replace("{out}", f"benchmarks/report/{name}") for a in bench_args)
-        figures = sorted(p.relative_to(args.report.parent) for p in out.glob("*.png"))
+        # A skipped benchmark wrote nothing: figures in its folder are an older run's.
+        figures = [] if status == "skipped" else sorted(p.relative_to(args.report.parent) for p in out.glob("*.png"))
+        outcome = {"ok": "ok", "skipped": "**skipped** (its data is missing)", "failed": "**failed**"}[status]
         sections += [
             f"## {name}: {what}",
             "",
-            f"`python benchmarks/{name}.py {shown_args}`: {'ok' if ok else '**failed**'}, {seconds:.0f} s.",
+            f"`python benchmarks/{name}.py {shown_args}`: {outcome}, {seconds:.0f} s.",
             "",
-            _demote_headings(text) if ok else "```\n" + text + "\n```",
+            _demote_headings(text) if status == "ok" else "```\n" + text + "\n```",
             "",
             *([("Figures: " + ", ".join(f"[{f.name}]({f.as_posix()})" for f in figures)), ""] if figures else []),
         ]
@@ -115,12 +139,15 @@ def main() -> int:
         "",
         f"Machine: {machine()}.",
         "",
-        f"Benchmarks: {len(names)}, failed: {', '.join(failed) if failed else 'none'}.",
+        f"Benchmarks: {len(names)}, failed: {', '.join(failed) if failed else 'none'}"
+        + (f", skipped for missing data: {', '.join(skipped)}." if skipped else "."),
         "",
     ]
-    args.report.write_text("\n".join(header + sections) + "\n")
+    write_atomic(args.report, ("\n".join(header + sections) + "\n").encode())
     print(f"[run_all] wrote {args.report}")
-    return 1 if failed else 0
+    if skipped and REQUIRE_DATA:
+        print(f"[run_all] REPROZOO_REQUIRE_DATA is set: the skipped {', '.join(skipped)} count as failures")
+    return 1 if failed or (skipped and REQUIRE_DATA) else 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """TENT on CIFAR-10-C-style corruptions (Wang et al., ICLR 2021), in one run: the pretrained CIFAR ResNet-20
-(``../shared/data/cifar10/pretrained``) on the real CIFAR-10 test images (``test_jpeg_q75.npz``) corrupted at
+(``$REPROZOO_DATA/cifar10/pretrained``) on the real CIFAR-10 test images (``test_jpeg_q75.npz``) corrupted at
 severity 5 with CIFAR-10-C's parameters (``CIFAR10CDataModule(source="generate")``), batch 200, Adam lr 1e-3, one
 step per batch, reset for each corruption; error of ``source`` (no adaptation), ``norm`` (batch statistics) and
 ``tent`` per corruption and their mean, and the throughput of adaptation against plain inference of the model;
 then the seed notebook's two figures: error against mean prediction entropy (one point per corruption and mode),
 and TENT's sensitivity to the learning rate and the batch size (mean error over ``--grid-corruptions``).
 
-The shared images are sorted by class, so each corruption uses a seeded random ``--images`` of them (a batch of
-one class would wreck batch statistics). Writes ``benchmarks/results/tent_cifar10c.{md,png}``.
+Data: ``--data-dir`` (default ``$REPROZOO_DATA/cifar10``) holding ``test_jpeg_q75.npz`` and
+``pretrained/resnet<depth>-*.th``; the script stops when they are not there. The images there are sorted by class,
+so each corruption uses a seeded random ``--images`` of them (a batch of one class would wreck batch statistics).
+Writes ``benchmarks/results/tent_cifar10c.{md,png}``.
 
     python benchmarks/tent_cifar10c.py                         # every available corruption, 2,000 images each
     python benchmarks/tent_cifar10c.py --images 500 --corruptions gaussian_noise fog --no-grid
@@ -23,7 +25,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
-from _common import ROOT, SHARED_DATA, quiet_lightning
+from _common import ROOT, quiet_lightning, shown, stop_missing_data
+from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.datamodules.cifar10c import CIFAR10CDataModule
 from reprozoo.datamodules.corruptions import available_corruptions
 from reprozoo.zoo.nets import load_legacy_cifar_resnet
@@ -44,6 +47,7 @@ def _run(weights: Path, mode: str, lr: float, dm: CIFAR10CDataModule, root: str)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=data_path, default=None, help="default: $REPROZOO_DATA/cifar10")
     parser.add_argument("--images", type=int, default=2000, help="per corruption")
     parser.add_argument("--corruptions", nargs="+", default=None, help="default: every available one")
     parser.add_argument("--severity", type=int, default=5)
@@ -56,14 +60,20 @@ def main() -> None:
     parser.add_argument("--grid-batches", nargs="+", type=int, default=[50, 100, 200])
     parser.add_argument("--no-grid", action="store_true", help="skip the lr x batch-size grid")
     args = parser.parse_args()
+    args.data_dir = args.data_dir or data_root() / "cifar10"
+    clean_npz = args.data_dir / "test_jpeg_q75.npz"
+    weights = next(iter(sorted((args.data_dir / "pretrained").glob(f"resnet{args.depth}-*.th"))), None)
+    missing = [] if clean_npz.is_file() else [clean_npz.name]
+    missing += [] if weights else [f"pretrained/resnet{args.depth}-*.th"]
+    if missing:
+        stop_missing_data("tent_cifar10c.py", missing, args.data_dir)
     quiet_lightning()
-    weights = next((SHARED_DATA / "cifar10" / "pretrained").glob(f"resnet{args.depth}-*.th"))
     corruptions = args.corruptions or list(available_corruptions())
 
     with tempfile.TemporaryDirectory() as tmp:
         dm = CIFAR10CDataModule(
             data_dir=str(args.cache or Path(tmp)), source="generate", clean="npz",
-            clean_npz=str(SHARED_DATA / "cifar10" / "test_jpeg_q75.npz"), corruptions=corruptions,
+            clean_npz=str(clean_npz), corruptions=corruptions,
             severities=(args.severity,), num_examples=args.images, subset="random", batch_size=args.batch, seed=0,
         )  # fmt: skip
         start = time.perf_counter()
@@ -96,7 +106,7 @@ def main() -> None:
         f"# TENT on CIFAR-10-C-style corruptions (`python benchmarks/tent_cifar10c.py` with the arguments below, {time.strftime('%Y-%m-%d')}, "
         "2-core CPU)",
         "",
-        f"ResNet-{args.depth} (pretrained, `../shared/data/cifar10/pretrained`), {args.images} random real CIFAR-10 "
+        f"ResNet-{args.depth} (pretrained, `{shown(weights.parent)}`), {args.images} random real CIFAR-10 "
         f"test images (JPEG q75) per corruption, severity {args.severity}, generated with CIFAR-10-C's parameters "
         f"({generate_s:.0f} s for all); batch {args.batch}, Adam lr 1e-3, 1 step per batch, reset per corruption.",
         "",
@@ -128,7 +138,7 @@ def main() -> None:
     ax.set_title(f"ResNet-{args.depth}, CIFAR-10-C-style corruptions, severity {args.severity}")
     ax.legend()
     args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / "tent_cifar10c.png", dpi=100)
+    save_figure(fig, args.out / "tent_cifar10c.png", dpi=100)
 
     # Error against entropy: the paper's motivation (lower entropy goes with lower error).
     fig2 = Figure(figsize=(6, 4.5), layout="constrained")
@@ -140,7 +150,7 @@ def main() -> None:
     ax2.set_ylabel("error (%)")
     ax2.set_title("Error vs entropy, one point per corruption")
     ax2.legend()
-    fig2.savefig(args.out / "tent_error_vs_entropy.png", dpi=100)
+    save_figure(fig2, args.out / "tent_error_vs_entropy.png", dpi=100)
     if grid:
         lrs, batches = args.grid_lrs, args.grid_batches
         values = np.array([[100 * grid[(lr, b)] for lr in lrs] for b in batches])
@@ -157,14 +167,14 @@ def main() -> None:
         ax3.set_ylabel("batch size")
         ax3.set_title(f"TENT mean error (%) over {', '.join(args.grid_corruptions)}")
         fig3.colorbar(image, ax=ax3)
-        fig3.savefig(args.out / "tent_sensitivity.png", dpi=100)
+        save_figure(fig3, args.out / "tent_sensitivity.png", dpi=100)
         lines += ["", f"TENT sensitivity, mean error (%) over {', '.join(args.grid_corruptions)} (severity "
                   f"{args.severity}, {args.images} images each); rows: batch size, columns: Adam learning rate:", "",
                   "| batch \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
                   "|---|" + "---|" * len(lrs)]  # fmt: skip
         lines += [f"| {b} | " + " | ".join(f"{100 * grid[(lr, b)]:.1f}" for lr in lrs) + " |" for b in batches]
     lines += ["", "Figures: `tent_cifar10c.png`, `tent_error_vs_entropy.png`" + (", `tent_sensitivity.png`." if grid else ".")]
-    (args.out / "tent_cifar10c.md").write_text("\n".join(lines) + "\n")
+    write_atomic(args.out / "tent_cifar10c.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,30 @@ from pathlib import Path
 def cache_dir() -> Path:
     """``$REPROZOO_CACHE``, default ``~/.cache/reprozoo``: zoo weights and downloaded or generated data."""
     return Path(os.environ.get("REPROZOO_CACHE") or Path.home() / ".cache" / "reprozoo")
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG, written atomically (see :func:`write_atomic`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_atomic(path, buffer.getvalue())
+
+
+def data_root() -> Path:
+    """The one folder under which every DataModule looks for its data by default: ``$REPROZOO_DATA`` when set,
+    else ``$REPROZOO_CACHE/data`` (``~/.cache/reprozoo/data``). Each dataset has its own folder in it (``mnist/``,
+    ``fashion_mnist/``, ``sudoku-extreme/``, ``afhq/``, ``CIFAR-10-C/``, ``cifar10/``), where downloads go too."""
+    return Path(os.environ.get("REPROZOO_DATA") or cache_dir() / "data")
+
+
+def data_path(path: str | os.PathLike) -> Path:
+    """A data file or folder named in a config: an absolute path as it is; a relative one from the working directory
+    when it exists there, else under :func:`data_root` (so configs name datasets, ``cifar10/test.npz``, not
+    folders of one machine)."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return data_root() / path
 
 
 def offline() -> bool:

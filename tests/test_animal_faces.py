@@ -11,7 +11,7 @@ from PIL import Image
 
 from reprozoo.datamodules import AnimalFacesDataModule
 from reprozoo.datamodules.animal_faces import CLASSES
-from tests.conftest import shared_data
+from tests.conftest import real_data
 from tests.helpers import TinyClassifier
 
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "wild": (0, 0, 255)}
@@ -213,7 +213,7 @@ def test_premade_randomised_folders_are_used(tmp_path):
 
 
 def test_real_shared_images_load():
-    root = shared_data("afhq")
+    root = real_data("afhq")
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     dm = AnimalFacesDataModule(data_dir=str(root.parent), num_workers=0)
     dm.prepare_data()
@@ -247,8 +247,8 @@ def test_offline_missing_data_names_folders_and_never_downloads(tmp_path, monkey
     assert not (tmp_path / "nothing").exists()
 
 
-def test_default_data_dir_is_in_the_cache(tmp_path):
-    assert AnimalFacesDataModule().data_dir == tmp_path / "zoo-cache" / "data" / "afhq"
+def test_default_data_dir_is_the_data_root(tmp_path):
+    assert AnimalFacesDataModule().data_dir == tmp_path / "data-root"  # images in <root>/afhq/train/<class>/
 
 
 def build_zip(path: Path, members: dict[str, bytes]) -> Path:

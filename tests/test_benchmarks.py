@@ -4,6 +4,8 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 NOT_BENCHMARKS = {"_common", "run_all", "plot_curves"}  # helpers, the runner, a plotting tool for TensorBoard logs
@@ -21,6 +23,7 @@ def test_run_all_lists_every_benchmark_script():
     assert set(_run_all().BENCHMARKS) == scripts
 
 
+@pytest.mark.slow
 def test_resume_overhead_benchmark_prints_its_tables():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "resume_overhead.py"), "--items", "2000",
                            "--rounds", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip

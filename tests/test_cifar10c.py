@@ -18,7 +18,7 @@ import reprozoo.datamodules.cifar10c as cifar10c
 from reprozoo.datamodules import CIFAR10CDataModule
 from reprozoo.datamodules import corruptions as C
 from reprozoo.datamodules.cifar10c import CIFAR10C_MD5, CIFAR10C_URL, CIFAR10CDataset, generation_key
-from tests.conftest import shared_data
+from tests.conftest import real_data
 from tests.helpers import tiny_trainer
 
 REAL = ("cifar10", "test_jpeg_q75.npz")
@@ -98,7 +98,7 @@ def test_official_layout_rows_domains_labels_and_mmap(tmp_path):
 def test_default_batch_size_data_dir_and_single_values(tmp_path):
     dm = CIFAR10CDataModule(corruptions="contrast", severities=3)
     assert dm.hparams.batch_size == 200 and dm.domains == ["contrast-3"]
-    assert dm.folder == tmp_path / "zoo-cache" / "data" / "cifar10c" / "CIFAR-10-C"
+    assert dm.folder == tmp_path / "data-root" / "CIFAR-10-C"
     assert CIFAR10CDataModule().domains == [f"{c}-5" for c in C.BENCHMARK_CORRUPTIONS]
     generated = CIFAR10CDataModule(source="generate").corruptions  # frost needs its textures
     assert generated == tuple(c for c in C.BENCHMARK_CORRUPTIONS if c != "frost")
@@ -368,7 +368,7 @@ MONOTONE = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "d
 
 
 def test_severity_grows_as_the_official_parameters_say_on_real_images():
-    x = np.load(shared_data(*REAL))["x"][::157][:48]  # every 157th: all classes (the file is sorted by class)
+    x = np.load(real_data(*REAL))["x"][::157][:48]  # every 157th: all classes (the file is sorted by class)
     diffs = {name: mean_abs_diff(name, x) for name in C.available_corruptions()}
     for name in MONOTONE:
         assert np.all(np.diff(diffs[name]) > 0), (name, diffs[name])
@@ -414,7 +414,7 @@ def test_motion_blur_kernel_follows_imagemagick():
 
 
 def test_generate_from_the_real_shared_images_and_reuse_the_cache(tmp_path, monkeypatch):
-    real = shared_data(*REAL)
+    real = real_data(*REAL)
     clean = np.load(real)
     x, y = clean["x"], clean["y"]
     names = ["gaussian_noise", "contrast", "motion_blur"]
@@ -477,7 +477,7 @@ def test_generate_from_the_real_shared_images_and_reuse_the_cache(tmp_path, monk
 
 
 def test_generated_cache_that_is_unreadable_is_redone(tmp_path):
-    real = shared_data(*REAL)
+    real = real_data(*REAL)
     kwargs = dict(data_dir=str(tmp_path), source="generate", clean_npz=str(real), corruptions=["brightness"],
                   severities=[2], num_examples=20, shuffle=True)  # fmt: skip
     dm = CIFAR10CDataModule(**kwargs)

@@ -236,6 +236,7 @@ def _afhq_args(data_dir) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_fit_then_load_from_checkpoint_without_arguments(tmp_path):
     """A net given by class_path on the command line is recorded in the checkpoint's hyperparameters."""
     make_afhq(tmp_path / "data", n_train=4, n_val=2)

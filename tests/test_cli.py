@@ -24,7 +24,7 @@ CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.y
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600, check=False
     )
 
 
@@ -39,14 +39,16 @@ def fitted(tmp_path_factory):
     return work, version, done
 
 
+@pytest.mark.slow
 def test_fit_end_to_end(fitted):
-    work, version, done = fitted
+    _, version, done = fitted
     assert "test/energy_score" in done.stdout and "val/crps" in done.stdout  # printed summary
     assert (version / "checkpoints" / "last.ckpt").is_file()
     assert (version / "config.yaml").is_file()
     assert list(version.glob("events.out.tfevents.*"))  # TensorBoard is the default logger
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_other_subcommands_from_checkpoint(fitted, subcommand):
     work, version, _ = fitted
@@ -63,10 +65,12 @@ def test_other_subcommands_from_checkpoint(fitted, subcommand):
         assert sorted(i for batch in saved["batch_indices"][0] for i in batch) == list(range(100))
 
 
+@pytest.mark.slow
 def test_zoo_export_from_cli_checkpoint(fitted, tmp_path, capsys):
     _, version, _ = fitted
     ckpt = version / "checkpoints" / "last.ckpt"
-    code = main(["zoo", "export", str(ckpt), "--name", "engression_cli.tiny", "--out", str(tmp_path), "--metric", "test/crps=0.4"])
+    args = ["export", str(ckpt), "--name", "engression_cli.tiny", "--out", str(tmp_path), "--metric", "test/crps=0.4"]
+    code = main(["zoo", *args])
     assert code == 0, capsys.readouterr().err
     card = json.loads((tmp_path / "engression_cli.tiny.json").read_text())
     assert card["module"] == "reprozoo.zoo.engression.EngressionRegressor"  # read from the checkpoint
@@ -87,9 +91,10 @@ def test_zoo_list_and_info(capsys):
     assert "no zoo entry named 'nope.nothing'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "reprozoo"
-    done = subprocess.run([str(script), "zoo", "list"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(script), "zoo", "list"], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and registry.list_weights()[0] in done.stdout
 
 
@@ -121,7 +126,9 @@ def test_bad_config_values_name_the_field(override, message, capsys, monkeypatch
     with pytest.raises(SystemExit) as info:
         run_lightning(["fit", "--config", "configs/engression/quickstart.yaml", *override])
     assert info.value.code != 0
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert "usage:" not in err and err.strip().splitlines()[-1].startswith("error: ")  # one line, no usage dump
 
 
 def test_out_of_range_value_names_the_field(monkeypatch):
@@ -156,6 +163,7 @@ def test_head_mode_from_config_trains_exports_and_reloads(tmp_path, monkeypatch)
     assert torch.equal(model.backbone.weight, cli.model.backbone.weight)
 
 
+@pytest.mark.slow
 def test_trm_quickstart_end_to_end_shrunk(tmp_path):
     """The TRM quickstart through the real CLI, shrunk: trains, tests, prints a grid, writes predictions.csv;
     its checkpoint exports to a zoo file that loads and solves."""
@@ -182,13 +190,15 @@ def test_trm_quickstart_end_to_end_shrunk(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     import csv
 
-    rows = list(csv.DictReader(open(next(version.parent.glob("version_*/predictions.csv")))))
+    with open(next(version.parent.glob("version_*/predictions.csv"))) as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == 16 and {"question", "solution", "valid", "confidence"} <= set(rows[0])
     assert all(len(r["solution"]) == 81 and r["valid"] in ("True", "False") for r in rows)
 
-    weights_file, card = registry.export_checkpoint(ckpt, "trm_tiny.test", tmp_path / "zoo")
+    weights_file, _ = registry.export_checkpoint(ckpt, "trm_tiny.test", tmp_path / "zoo")
     payload = registry.read_weights_file(weights_file)
     assert all(k.startswith("net.") for k in payload["state_dict"])  # EMA weights only, no optimizer, no copy
     model = registry.build_module(payload["module"], payload["hparams"])
     registry.load_state(model, payload["state_dict"], "test")
-    assert len(model.solve([r["question"] for r in rows[:3]])) == 3
+    # strict=False: a 4-step model rarely solves a puzzle, and solve() raises for unsolved ones by default
+    assert len(model.solve([r["question"] for r in rows[:3]], strict=False)) == 3

@@ -16,7 +16,7 @@ from reprozoo.datamodules import FashionMNISTDataModule
 from reprozoo.zoo.distillation import DistillationModule, distillation_loss, load_teacher
 from reprozoo.zoo.nets import MLP
 from reprozoo.zoo.registry import WeightsError
-from tests.conftest import shared_data
+from tests.conftest import real_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
 
@@ -121,7 +121,7 @@ class Watch(L.Callback):
 
 def _mnist(**kwargs) -> FashionMNISTDataModule:
     """Real MNIST test images, read in place: 600 for training (minus val) and 200 for testing."""
-    defaults = dict(dataset="mnist", data_dir=str(shared_data("mnist")), train_source="test", num_train=600,
+    defaults = dict(dataset="mnist", data_dir=str(real_data("mnist")), train_source="test", num_train=600,
                     num_test=200, val_size=100, flatten=True, batch_size=100)  # fmt: skip
     defaults.update(kwargs)
     return FashionMNISTDataModule(**defaults)
@@ -208,7 +208,7 @@ def test_teacher_from_a_cli_checkpoint_and_errors(tmp_path):
         run_lightning([
             "fit", "--model", "reprozoo.zoo.classifier.ClassifierModule", "--model.net", "mlp_fmnist",
             "--data", "reprozoo.datamodules.FashionMNISTDataModule", "--data.dataset", "mnist",
-            "--data.data_dir", str(shared_data("mnist")), "--data.train_source", "test", "--data.num_train", "300",
+            "--data.data_dir", str(real_data("mnist")), "--data.train_source", "test", "--data.num_train", "300",
             "--data.num_test", "100", "--data.flatten", "true", "--trainer.max_epochs", "1",
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
@@ -223,6 +223,7 @@ def test_teacher_from_a_cli_checkpoint_and_errors(tmp_path):
         _trainer(tmp_path, max_epochs=1).fit(DistillationModule(_student(), None), datamodule=_mnist())
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train(tmp_path):
     torch.manual_seed(0)
     model = DistillationModule(_student(), Teacher().eval(), lr=0.05)

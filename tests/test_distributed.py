@@ -33,9 +33,10 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from torch import nn
 
 from reprozoo.cli import run_lightning
-from tests.conftest import ROOT, shared_data
+from tests.conftest import ROOT, real_data
 
 pytestmark = [
+    pytest.mark.slow,  # every test starts 2 processes through the real CLI
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
     # the one-process runs restore ModelCheckpoint's state from a checkpoint written in another folder
     pytest.mark.filterwarnings("ignore:The dirpath has changed from:UserWarning"),
@@ -249,7 +250,7 @@ def test_trm_ddp_manual_optimisation_and_ema(trm_run, tmp_path):
 
 def _mnist_shrink() -> list[str]:
     return ["--trainer.max_epochs", "2", "--data.init_args.dataset", "mnist",
-            "--data.init_args.data_dir", str(shared_data("mnist")), "--data.init_args.train_source", "test",
+            "--data.init_args.data_dir", str(real_data("mnist")), "--data.init_args.train_source", "test",
             "--data.init_args.num_train", "440", "--data.init_args.val_size", "40", "--data.init_args.num_test", "100",
             "--data.init_args.batch_size", "50"]  # fmt: skip
 
@@ -342,9 +343,9 @@ TENT_DOMAINS = ("gaussian_noise-5", "contrast-5")
 
 
 def _tent_shrink(data_dir: Path, mode: str) -> list[str]:
-    return ["--model.init_args.model", str(shared_data("cifar10", "pretrained", "resnet20-12fca82f.th")),
+    return ["--model.init_args.model", str(real_data("cifar10", "pretrained", "resnet20-12fca82f.th")),
             "--model.init_args.mode", mode,
-            "--data.init_args.clean_npz", str(shared_data("cifar10", "test_jpeg_q75.npz")),
+            "--data.init_args.clean_npz", str(real_data("cifar10", "test_jpeg_q75.npz")),
             "--data.init_args.data_dir", str(data_dir), "--data.init_args.corruptions", "[gaussian_noise, contrast]",
             "--data.init_args.num_examples", "40", "--data.init_args.subset", "first",
             "--data.init_args.shuffle", "true",

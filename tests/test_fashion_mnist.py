@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from reprozoo.datamodules import FashionMNISTDataModule
 from reprozoo.datamodules.fashion_mnist import MNISTLikeDataset, read_images, read_labels, shift_image
-from tests.conftest import shared_data
+from tests.conftest import real_data
 from tests.helpers import TinyClassifier, tiny_trainer
 
 FOLDERS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
@@ -70,7 +70,7 @@ def link_shared_mnist(data_dir: Path) -> Path:
     """torchvision's layout of symlinks to the real files, which are read in place."""
     raw = data_dir / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for f in sorted(shared_data("mnist").glob("*.gz")):
+    for f in sorted(real_data("mnist").glob("*.gz")):
         (raw / f.name).symlink_to(f)
     return raw
 
@@ -523,9 +523,9 @@ def test_bad_arguments_name_the_field(kwargs, field):
         FashionMNISTDataModule(**kwargs)
 
 
-def test_default_data_dir_is_in_the_cache(tmp_path):
+def test_default_data_dir_is_under_the_data_root(tmp_path):
     dm = FashionMNISTDataModule("mnist")
-    assert dm.raw_folder == tmp_path / "zoo-cache" / "data" / "mnist" / "MNIST" / "raw"
+    assert dm.raw_folder == tmp_path / "data-root" / "mnist" / "MNIST" / "raw"  # where downloads go
     assert dm.mirrors == torchvision.datasets.MNIST.mirrors
 
 
@@ -537,7 +537,7 @@ def test_real_mnist_test_images_split_for_benchmarks(tmp_path):
     real_images = read_images(raw / "t10k-images-idx3-ubyte.gz")
     real_labels = read_labels(raw / "t10k-labels-idx1-ubyte.gz")
     assert real_images.shape == (10000, 28, 28) and len(real_labels) == 10000
-    first20 = np.load(shared_data("fashion_mnist", "first20_test_fmnist_mnist_cifar10.npz"))
+    first20 = np.load(real_data("fashion_mnist", "first20_test_fmnist_mnist_cifar10.npz"))
     assert torch.equal(real_images[:20], torch.from_numpy(first20["mnist_x"]))  # an independent copy agrees
     assert real_labels[:20].tolist() == first20["mnist_y"].tolist()
     pixels = real_images.float() / 255
@@ -581,14 +581,14 @@ def test_real_mnist_epoch_is_fast(tmp_path):
 
 def test_real_fashion_mnist_label_files():
     for name, n in (("train-labels-idx1-ubyte.gz", 60000), ("t10k-labels-idx1-ubyte.gz", 10000)):
-        path = shared_data("fashion_mnist", name)
+        path = real_data("fashion_mnist", name)
         assert hashlib.md5(path.read_bytes()).hexdigest() == dict(torchvision.datasets.FashionMNIST.resources)[name]
         labels = read_labels(path)
         assert len(labels) == n and counts(labels) == [n // 10] * 10
 
 
 def test_real_fashion_mnist_images_round_trip_through_idx(tmp_path):
-    first20 = np.load(shared_data("fashion_mnist", "first20_test_fmnist_mnist_cifar10.npz"))
+    first20 = np.load(real_data("fashion_mnist", "first20_test_fmnist_mnist_cifar10.npz"))
     images, labels = first20["fmnist_x"], first20["fmnist_y"]
     raw = tmp_path / "FashionMNIST" / "raw"
     write_gz(raw / f"{TEST_FILES[0]}.gz", idx_images_bytes(images))
@@ -641,10 +641,10 @@ def test_lightning_fit_and_test(tmp_path):
 
 def test_flat_folder_of_the_official_files(tmp_path):
     """The real MNIST test files, read in place from their flat folder (no torchvision layout)."""
-    dm = FashionMNISTDataModule(dataset="mnist", data_dir=str(shared_data("mnist")), train_source="test",
+    dm = FashionMNISTDataModule(dataset="mnist", data_dir=str(real_data("mnist")), train_source="test",
                                 num_train=500, num_test=100)  # fmt: skip
     dm.setup()
-    assert dm.raw_folder == shared_data("mnist")
-    assert len(dm.splits["test"]) == 100 and dm.files["test"][0].parent == shared_data("mnist")
+    assert dm.raw_folder == real_data("mnist")
+    assert len(dm.splits["test"]) == 100 and dm.files["test"][0].parent == real_data("mnist")
     with pytest.raises(FileNotFoundError, match="MNIST/raw/train-images"):  # no train files there
-        FashionMNISTDataModule(dataset="mnist", data_dir=str(shared_data("mnist"))).setup()
+        FashionMNISTDataModule(dataset="mnist", data_dir=str(real_data("mnist"))).setup()

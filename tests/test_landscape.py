@@ -103,17 +103,17 @@ class LossMethodNet(SmallNet):
 
 
 def _trainer(tmp_path, callbacks, logger=False, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-    )
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 2,
+        "logger": logger,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "callbacks": callbacks,
+    }
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -143,7 +143,7 @@ def _reference_loss(model: nn.Module, num_batches: int = 2) -> tuple[float, floa
 
 
 def test_centre_is_the_module_loss_and_files_are_written(tmp_path):
-    trainer, model, cb = _fit(tmp_path, save_directions=True, mode="vmap")
+    _, model, cb = _fit(tmp_path, save_directions=True, mode="vmap")
     path = tmp_path / "loss_landscape" / "epoch_1.npz"  # no logger: default_root_dir
     assert path.exists() and (tmp_path / "loss_landscape" / "epoch_1_contour.png").exists()
     assert (tmp_path / "loss_landscape" / "epoch_1_surface.png").exists()
@@ -160,7 +160,7 @@ def test_centre_is_the_module_loss_and_files_are_written(tmp_path):
 
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
 def test_off_centre_point_is_a_hand_computation(tmp_path, mode):
-    trainer, model, cb = _fit(tmp_path, save_directions=True, span=0.8, mode=mode)
+    _, model, cb = _fit(tmp_path, save_directions=True, span=0.8, mode=mode)
     assert cb.used_mode == mode
     data = load_landscape(tmp_path / "loss_landscape" / "epoch_1.npz")
     d1, d2 = data["directions"]
@@ -199,7 +199,7 @@ def test_filter_normalisation_and_seeding():
     layer = random_directions(params, num=1, normalization="layer", seed=7)[0]
     assert layer["3.weight"].norm().item() == pytest.approx(params["3.weight"].norm().item(), rel=1e-5)
     model = random_directions(params, num=1, normalization="model", ignore=None, seed=7)[0]
-    total = lambda ts: torch.sqrt(sum(t.detach().square().sum() for t in ts)).item()  # noqa: E731
+    total = lambda ts: torch.sqrt(sum(t.detach().square().sum() for t in ts)).item()
     assert total(model.values()) == pytest.approx(total(params.values()), rel=1e-5)
     keep = random_directions(params, num=1, ignore=None, seed=7)[0]
     assert torch.equal(keep["0.bias"], params["0.bias"].detach())  # filter norm on a 1-d tensor: the weight itself
@@ -242,9 +242,14 @@ def test_fallback_is_logged_and_matches_vmap_of_an_equivalent_module(tmp_path, c
     plain.load_state_dict(metric_net.state_dict())
     trainer = _trainer(tmp_path, [])
     loader = DataLoader(_data(), batch_size=BATCH)
+    fallback = LossLandscape(resolution=5, num_batches=2, progress=False)
     with caplog.at_level(logging.WARNING, logger="reprozoo.callbacks.landscape"):
-        looped = LossLandscape(resolution=5, num_batches=2, progress=False).compute(trainer, metric_net, dataloader=loader)
-    assert "one at a time" in caplog.text
+        looped = fallback.compute(trainer, metric_net, dataloader=loader)
+    assert "one at a time" in caplog.text and "mode='loop'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="reprozoo.callbacks.landscape"):
+        fallback.compute(trainer, metric_net, dataloader=loader)
+    assert not caplog.records  # the same fallback at the next epoch: not a second warning
     batched_cb = LossLandscape(resolution=5, num_batches=2, chunk_size=7, mode="vmap", progress=False)
     batched = batched_cb.compute(trainer, plain, dataloader=loader)
     assert batched_cb.used_mode == "vmap"
@@ -264,7 +269,9 @@ def test_loss_method_and_loss_fn_take_precedence(tmp_path):
     model = LossMethodNet()
     trainer = _trainer(tmp_path, [])
     loader = DataLoader(_data(), batch_size=BATCH)
-    by_method = LossLandscape(dim=1, resolution=5, num_batches=2, progress=False).compute(trainer, model, dataloader=loader)
+    by_method = LossLandscape(dim=1, resolution=5, num_batches=2, progress=False).compute(
+        trainer, model, dataloader=loader
+    )
     loss, acc = _reference_loss(model)
     assert by_method["loss"].shape == (5,) and "y" not in by_method
     assert by_method["loss"][2] == pytest.approx(2 * loss, rel=1e-6)
@@ -282,7 +289,7 @@ def test_any_logger(tmp_path, logger_kind):
         "tensorboard": lambda: TensorBoardLogger(tmp_path, name="tb"),
         "none": lambda: False,
     }[logger_kind]()
-    trainer, model, cb = _fit(tmp_path, logger=logger, dim=1, every_n_epochs=1)
+    _, _, cb = _fit(tmp_path, logger=logger, dim=1, every_n_epochs=1)
     root = tmp_path if logger is False else tmp_path / logger.name / "version_0"
     # every epoch (0, 1), and the end of fit is the last epoch's surface, not computed twice
     assert sorted(p.name for p in (root / "loss_landscape").glob("*.npz")) == ["epoch_0.npz", "epoch_1.npz"]
@@ -296,7 +303,7 @@ def test_any_logger(tmp_path, logger_kind):
 
 
 def test_checkpoint_state_and_bad_arguments(tmp_path):
-    trainer, model, cb = _fit(tmp_path, resolution=3)
+    _, _, cb = _fit(tmp_path, resolution=3)
     fresh = LossLandscape(resolution=3)
     fresh.load_state_dict(cb.state_dict())
     assert fresh.history == cb.history
@@ -333,9 +340,49 @@ def test_manual_optimisation_needs_a_loss(tmp_path):
     model = ManualNet()
     trainer = _trainer(tmp_path, [])
     with pytest.raises(RuntimeError, match="manual optimisation"):
-        LossLandscape(resolution=3, progress=False).compute(trainer, model, dataloader=DataLoader(_data(), batch_size=8))
+        LossLandscape(resolution=3, progress=False).compute(
+            trainer, model, dataloader=DataLoader(_data(), batch_size=8)
+        )
 
 
+class IterStepNet(SmallNet):
+    def training_step(self, dataloader_iter):
+        x, y = next(dataloader_iter)
+        return F.cross_entropy(self(x), y)
+
+
+def test_dataloader_iter_step_needs_a_loss(tmp_path):
+    with pytest.raises(RuntimeError, match="dataloader_iter.*loss_fn"):
+        LossLandscape(resolution=3, progress=False).compute(
+            _trainer(tmp_path, []), IterStepNet(), dataloader=DataLoader(_data(), batch_size=8)
+        )
+
+
+class CountingNet(SmallNet):
+    """Writes a buffer in every forward, also in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_buffers_written_by_the_objective_are_restored(tmp_path, mode):
+    torch.manual_seed(0)
+    model = CountingNet()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = model.calls
+    cb = LossLandscape(resolution=3, mode=mode, progress=False)
+    cb.compute(_trainer(tmp_path, []), model, dataloader=DataLoader(_data(), batch_size=BATCH))
+    assert cb.used_mode == mode
+    assert model.calls is calls and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_give_the_one_process_surface(tmp_path):
     torch.manual_seed(0)
     model = SmallNet()

@@ -1,4 +1,4 @@
-"""The memorization configs run end to end through the CLI on the 41 real AFHQ images of ../shared/data: labels
+"""The memorization configs run end to end through the CLI on the 41 real AFHQ images of $REPROZOO_DATA/afhq: labels
 randomised as configured, the Frobenius and loss-landscape outputs written, early stopping once memorised."""
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ import torch
 
 from reprozoo.callbacks import FrobeniusNormMonitor, LossLandscape, load_landscape
 from reprozoo.cli import run_lightning
-from tests.conftest import shared_data
+from tests.conftest import real_data
+
+pytestmark = pytest.mark.slow  # experiment configs run end to end through the CLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "memorization"
 
 
 def _run(tmp_path, config: str, *extra: str):
-    data_dir = shared_data("afhq").parent
+    data_dir = real_data("afhq").parent
     argv = [
         "fit", "--config", str(CONFIGS / f"{config}.yaml"),
         "--data.init_args.data_dir", str(data_dir),

@@ -134,6 +134,7 @@ def test_margin_term_keeps_classes_apart():
     assert _margin_term(far, far, y, y, 1.0).item() == 0.0
 
 
+@pytest.mark.slow
 def test_ddp_gradient_equals_the_single_process_gradient(tmp_path):
     """ddp_spawn with 2 processes, one step of SGD on the same global batch: the same A as one process."""
     data = ConcentricRingsDataModule(n_train_per_class=8, n_val_per_class=4, n_test_per_class=4, batch_size=20, seed=3)
@@ -157,9 +158,9 @@ def test_ddp_gradient_equals_the_single_process_gradient(tmp_path):
 def test_nca_on_a_frozen_zoo_backbone_and_real_mnist(tmp_path):
     """NCA on the features of the zoo teacher (1200-d), on real MNIST images; the backbone stays frozen."""
     from reprozoo.datamodules import FashionMNISTDataModule
-    from tests.conftest import shared_data
+    from tests.conftest import real_data
 
-    dm = FashionMNISTDataModule(dataset="mnist", data_dir=str(shared_data("mnist")), train_source="test",
+    dm = FashionMNISTDataModule(dataset="mnist", data_dir=str(real_data("mnist")), train_source="test",
                                 num_train=400, val_size=100, num_test=100, flatten=True, batch_size=100)  # fmt: skip
     torch.manual_seed(0)
     model = NCAModule(in_dim=1200, out_dim=8, encoder="mlp1200_mnist.teacher", init="pca", lr=0.01, k=(5,))

@@ -13,7 +13,7 @@ from reprozoo.zoo.nets import (
     register_net,
 )
 from reprozoo.zoo.registry import WeightsError
-from tests.conftest import shared_data
+from tests.conftest import real_data
 
 PRETRAINED = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th"}
 
@@ -231,13 +231,13 @@ def test_resnet_option_a_shortcut_and_normalization():
 
 @pytest.mark.parametrize("depth", sorted(PRETRAINED))
 def test_pretrained_cifar_resnets_load_strictly_and_classify(depth):
-    path = shared_data("cifar10", "pretrained", PRETRAINED[depth])
+    path = real_data("cifar10", "pretrained", PRETRAINED[depth])
     raw = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     model = load_legacy_cifar_resnet(path)
     assert model.depth == depth and not model.training and model.normalize
     assert {"module." + k for k in model.state_dict() if not k.endswith("num_batches_tracked")} == set(raw)
     assert torch.equal(model.layer3[0].conv2.weight, raw["module.layer3.0.conv2.weight"])
-    data = np.load(shared_data("cifar10", "test_jpeg_q75.npz"))
+    data = np.load(real_data("cifar10", "test_jpeg_q75.npz"))
     pick = np.random.default_rng(0).choice(len(data["y"]), 500, replace=False)  # the file is sorted by class
     x = torch.from_numpy(data["x"][pick]).permute(0, 3, 1, 2).float().div(255)  # (500, 3, 32, 32) in [0, 1]
     y = torch.from_numpy(data["y"][pick])
@@ -251,7 +251,7 @@ def test_pretrained_cifar_resnets_load_strictly_and_classify(depth):
 
 
 def test_legacy_loader_names_the_file_on_mismatch(tmp_path):
-    path = shared_data("cifar10", "pretrained", PRETRAINED[20])
+    path = real_data("cifar10", "pretrained", PRETRAINED[20])
     with pytest.raises(WeightsError, match=f"{PRETRAINED[20]}.*depth=32"):
         load_legacy_cifar_resnet(path, depth=32)
     bad = tmp_path / "bad.th"

@@ -194,6 +194,7 @@ def _cli_args(root):
             "--checkpoint.dirpath", str(root / "ckpt")]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_loses_nothing(tmp_path):
     """A real `cli.py fit` is killed with SIGKILL after its checkpoint at step 9 (inside epoch 0 of 10 batches);
     `fit --ckpt_path last.ckpt` then ends with exactly the weights of an uninterrupted run."""
@@ -254,6 +255,7 @@ class _SeenRows(L.Callback):
             torch.save(gathered, os.path.join(trainer.default_root_dir, "seen.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_resume_exactly_with_disjoint_shards(tmp_path):
     """ddp_spawn, 2 processes: each takes its own half of the seeded order (disjoint, together the whole set per
     epoch), and N/2 + resume (global seed changed) ends with the straight run's weights."""

@@ -1,5 +1,5 @@
 """The distillation and regularisation configs run through the CLI (one short epoch each) on the real MNIST test
-images of ../shared/data/mnist, with their callbacks' outputs written."""
+images of the data root's mnist/ folder ($REPROZOO_DATA), with their callbacks' outputs written."""
 
 from __future__ import annotations
 
@@ -10,15 +10,23 @@ import pytest
 
 from reprozoo.callbacks import load_landscape
 from reprozoo.cli import run_lightning
-from tests.conftest import shared_data
+from tests.conftest import real_data
+
+pytestmark = pytest.mark.slow  # experiment configs run end to end through the CLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+@pytest.fixture
+def mnist_root(monkeypatch) -> None:
+    """The data root set to the real data, as a user sets ``REPROZOO_DATA``: the configs name no folder, the
+    datamodule finds ``mnist/`` there (MNIST's test files only, so ``train_source`` is ``test``)."""
+    monkeypatch.setenv("REPROZOO_DATA", str(real_data("mnist", "t10k-images-idx3-ubyte.gz").parents[1]))
+
+
 def _run(tmp_path, config: Path, *extra: str):
     argv = [
-        "fit", "--config", str(config),
-        "--data.init_args.dataset", "mnist", "--data.init_args.data_dir", str(shared_data("mnist")),
+        "fit", "--config", str(config), "--data.init_args.dataset", "mnist",
         "--data.init_args.train_source", "test", "--data.init_args.num_train", "400",
         "--data.init_args.val_size", "100", "--data.init_args.num_test", "100",
         "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
@@ -31,7 +39,7 @@ def _run(tmp_path, config: Path, *extra: str):
 
 
 @pytest.mark.parametrize("variant", ["plain", "batchnorm", "layernorm", "dropout", "l1", "l2"])
-def test_regularization_config(tmp_path, variant):
+def test_regularization_config(tmp_path, variant, mnist_root):
     cli = _run(tmp_path, CONFIGS / "regularization" / f"{variant}.yaml",
                "--trainer.callbacks.resolution", "5")  # the last callback: LossLandscape  # fmt: skip
     log_dir = Path(cli.trainer.logger.log_dir)
@@ -45,7 +53,7 @@ def test_regularization_config(tmp_path, variant):
 
 
 @pytest.mark.parametrize("config", ["teacher", "small", "distilled", "teacher_mnist8k", "distilled_mnist8k"])
-def test_distillation_config(tmp_path, config):
+def test_distillation_config(tmp_path, config, mnist_root):
     cli = _run(tmp_path, CONFIGS / "distillation" / f"{config}.yaml", "--trainer.limit_train_batches", "2",
                "--trainer.limit_val_batches", "1")  # fmt: skip
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
@@ -55,14 +63,15 @@ def test_distillation_config(tmp_path, config):
 
 
 def test_tent_generated_config_runs(tmp_path, monkeypatch):
-    from tests.conftest import ROOT
-
-    monkeypatch.chdir(ROOT)  # the config's ../shared paths are relative to the project root
-    shared_data("cifar10", "test_jpeg_q75.npz")  # skip with a reason where ../shared is absent
+    # The config names its files relative to the data root: point it at the real data (the generated corruptions
+    # are cached in tmp_path, never there).
+    monkeypatch.setenv("REPROZOO_DATA", str(real_data("cifar10", "test_jpeg_q75.npz").parents[1]))
+    real_data("cifar10", "pretrained", "resnet20-12fca82f.th")
+    monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         cli = run_lightning([
-            "test", "--config", "configs/tent/resnet20_generated.yaml",
+            "test", "--config", str(CONFIGS / "tent" / "resnet20_generated.yaml"),
             "--data.init_args.data_dir", str(tmp_path / "c"), "--data.init_args.num_examples", "200",
             "--data.init_args.corruptions", "[gaussian_noise, fog]", "--data.init_args.batch_size", "100",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false",

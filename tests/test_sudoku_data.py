@@ -19,18 +19,18 @@ from reprozoo.datamodules.sudoku import (
     read_sudoku_csv,
     solve,
 )
-from tests.conftest import shared_data
+from tests.conftest import real_data
 
 HEADER = "source,question,answer,rating"
 
 
 def shared_sudoku(name: str, limit: int):
-    return read_sudoku_csv(shared_data("sudoku", name), limit=limit)
+    return read_sudoku_csv(real_data("sudoku", name), limit=limit)
 
 
 def raw_rows(name: str, n: int) -> list[str]:
     """The first n data lines of a shared CSV, verbatim (official format, CRLF stripped)."""
-    with open(shared_data("sudoku", name), encoding="utf-8") as fh:
+    with open(real_data("sudoku", name), encoding="utf-8") as fh:
         lines = fh.read(200_000).splitlines()
     assert lines[0] == HEADER
     return lines[1 : n + 1]
@@ -230,7 +230,7 @@ def test_generation_is_seeded_and_cached(tmp_path, monkeypatch):
 
 def test_read_shared_csvs_and_solve_them():
     start = time.perf_counter()
-    full = {name: read_sudoku_csv(shared_data("sudoku", name)) for name in ("forum_hardest_1905.csv", "seventeen_clue.csv")}
+    full = {name: read_sudoku_csv(real_data("sudoku", name)) for name in ("forum_hardest_1905.csv", "seventeen_clue.csv")}
     elapsed = time.perf_counter() - start
     assert len(full["forum_hardest_1905.csv"].questions) == 48_766 and len(full["seventeen_clue.csv"].questions) == 49_158
     assert elapsed < 15, f"reading ~100k rows took {elapsed:.1f}s: validation is no longer vectorised?"
@@ -325,7 +325,7 @@ def test_min_rating_and_limit(tmp_path):
     assert read_sudoku_csv(path, min_rating=5, limit=1).ratings.tolist() == [7]
     assert read_sudoku_csv(path, limit=3).ratings.tolist() == [0, 7, 3]
     with pytest.raises(ValueError, match=r"line 2: min_rating=1 was asked for, but this row has no rating"):
-        read_sudoku_csv(shared_data("sudoku", "seventeen_clue.csv"), min_rating=1)
+        read_sudoku_csv(real_data("sudoku", "seventeen_clue.csv"), min_rating=1)
 
 
 # ------------------------------------------------------------------ missing files and the hub
@@ -427,8 +427,8 @@ def test_hub_failed_download_leaves_nothing(tmp_path, monkeypatch):
 def test_splits_are_seeded_disjoint_and_batched(tmp_path):
     def make(seed=0, **kwargs):
         dm = SudokuExtremeDataModule(
-            source="csv", train_file=str(shared_data("sudoku", "forum_hardest_1905.csv")),
-            test_file=str(shared_data("sudoku", "seventeen_clue.csv")), data_dir=str(tmp_path),
+            source="csv", train_file=str(real_data("sudoku", "forum_hardest_1905.csv")),
+            test_file=str(real_data("sudoku", "seventeen_clue.csv")), data_dir=str(tmp_path),
             num_train_puzzles=1000, num_val=200, limit_test=300, batch_size=64, seed=seed, **kwargs,
         )
         dm.setup()
@@ -443,7 +443,7 @@ def test_splits_are_seeded_disjoint_and_batched(tmp_path):
     assert a.val_source == "train"
     train_keys = {row.numpy().tobytes() for row in a.splits["train"].questions}
     assert len(train_keys) == 1000 and not train_keys & {row.numpy().tobytes() for row in a.splits["val"].questions}
-    first = read_sudoku_csv(shared_data("sudoku", "seventeen_clue.csv"), limit=300)
+    first = read_sudoku_csv(real_data("sudoku", "seventeen_clue.csv"), limit=300)
     assert torch.equal(a.splits["test"].questions.long(), first.questions)
 
     loader = a.train_dataloader()

@@ -16,7 +16,7 @@ from reprozoo.zoo.nets import CifarResNet, load_legacy_cifar_resnet
 from reprozoo.zoo.registry import WeightsError
 from reprozoo.zoo.tent import TentAdapter, TentModule, collect_norm_params, load_classifier, softmax_entropy
 from reprozoo.zoo.wide_resnet import WideResNet, load_wide_resnet_checkpoint, wide_resnet28_10
-from tests.conftest import shared_data
+from tests.conftest import real_data
 from tests.helpers import tiny_trainer
 
 RESNET20 = "resnet20-12fca82f.th"
@@ -225,9 +225,10 @@ def test_groupnorm_and_layernorm_models_are_adapted_with_a_warning_and_others_re
 # ----------------------------------------------------------------------------------------------- real data
 
 
+@pytest.mark.slow
 def test_pretrained_resnet20_on_noisy_cifar10_norm_beats_source_and_tent_lowers_entropy():
-    model = load_legacy_cifar_resnet(shared_data("cifar10", "pretrained", RESNET20))
-    data = np.load(shared_data("cifar10", "test_jpeg_q75.npz"))
+    model = load_legacy_cifar_resnet(real_data("cifar10", "pretrained", RESNET20))
+    data = np.load(real_data("cifar10", "test_jpeg_q75.npz"))
     # The file is sorted by class: a seeded random subset, else every batch is one class (a label shift that
     # batch statistics cannot survive).
     idx = torch.randperm(len(data["y"]), generator=torch.Generator().manual_seed(0))[:400].numpy()
@@ -348,7 +349,7 @@ def test_lightning_module_refuses_to_fit_and_names_its_fields(tmp_path):
 
 
 def test_load_classifier_reads_legacy_resnets_and_wide_resnet_files(tmp_path):
-    net = load_classifier(str(shared_data("cifar10", "pretrained", RESNET20)))
+    net = load_classifier(str(real_data("cifar10", "pretrained", RESNET20)))
     assert isinstance(net, CifarResNet) and net.depth == 20 and net.normalize
     wrn = WideResNet(depth=16, widen_factor=2, num_classes=5).eval()
     path = tmp_path / "wrn.pt"
@@ -391,6 +392,7 @@ def _robustbench_or_skip():
         pytest.skip(f"robustbench is not installed ({_robustbench.PIP_INSTALL}): {err}")
 
 
+@pytest.mark.slow
 def test_robustbench_shim_loads_a_local_standard_checkpoint_offline(tmp_path):
     _robustbench_or_skip()
     assert "autoattack" not in sys.modules or sys.modules["autoattack"].__name__ == "autoattack"  # no alias left

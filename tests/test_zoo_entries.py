@@ -7,7 +7,7 @@ import torch
 
 from reprozoo.cli import run_lightning
 from reprozoo.zoo import registry
-from tests.conftest import ROOT
+from tests.conftest import ROOT, real_data
 
 ENTRIES = registry.list_weights()
 
@@ -37,6 +37,7 @@ def test_entry_loads_offline_and_matches_its_card(name, monkeypatch):
     assert plain(dict(model.hparams)) == plain(entry.hparams)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ENTRIES)
 def test_entry_reproduces_its_test_metrics_through_the_cli(name, monkeypatch, tmp_path):
     """`python cli.py test --config <recipe> --model.init_args.weights NAME` gives the card's numbers."""
@@ -44,6 +45,12 @@ def test_entry_reproduces_its_test_metrics_through_the_cli(name, monkeypatch, tm
     test_metrics = {k: v for k, v in entry.metrics.items() if k.startswith("test/")}
     if not test_metrics:
         pytest.fail(f"{name}: card has no test metrics to check")
+    import yaml
+
+    data_args = yaml.safe_load((ROOT / entry.recipe).read_text()).get("data", {}).get("init_args", {})
+    # Each test has an empty data root (conftest): recipes on the real MNIST images read the real copy in place
+    # (skipped where there is none).
+    real = ["--data.init_args.data_dir", str(real_data("mnist"))] if data_args.get("dataset") == "mnist" else []
     monkeypatch.chdir(ROOT)
     cli = run_lightning(
         [
@@ -53,6 +60,7 @@ def test_entry_reproduces_its_test_metrics_through_the_cli(name, monkeypatch, tm
             "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(tmp_path),
+            *real,
         ]
     )  # fmt: skip
     measured = cli.trainer.callback_metrics
@@ -78,7 +86,7 @@ def test_trm_entry_solves_fresh_puzzles(name):
     givens = recipe["data"]["init_args"]["num_givens"]
     rows = generate_puzzles(100, givens, seed=f"zoo-test:{name}")
     model = registry.load_model(name, offline=True)
-    answers = model.solve([q for q, _ in rows])
+    answers = model.solve([q for q, _ in rows], strict=False)  # the wrong ones too: they are checked below
     right = [a == truth for a, (_, truth) in zip(answers, rows)]
     for (question, _), answer, ok in zip(rows, answers, right):
         assert len(answer) == 81 and consistent(question, answer)  # givens are always kept

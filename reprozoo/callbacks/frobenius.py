@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from reprozoo._files import save_figure
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -20,22 +22,31 @@ def fused_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     synchronisation: the caller decides when to read the values back. Half-precision tensors are reduced to a float32
     result, because a bfloat16/float16 norm loses digits and a float16 one overflows past 65504."""
     dense = [t.coalesce().values() if t.layout == torch.sparse_coo else t for t in tensors]  # sparse grads
-    dtypes = {t.dtype for t in dense}
-    # A float32 result for half inputs; _foreach_norm refuses to narrow float64, so only ask when nothing is wider.
-    out_dtype = torch.float32 if dtypes & set(_LOW_PRECISION) and dtypes <= {torch.float32, *_LOW_PRECISION} else None
-    norms = None
-    foreach = getattr(torch, "_foreach_norm", None)
-    if foreach is not None:
-        try:
-            norms = list(foreach(dense, 2, dtype=out_dtype))
-        except (NotImplementedError, RuntimeError, TypeError):
-            pass  # private API: a torch version, layout or device it does not cover
-    if norms is None:  # same values, one launch per tensor
-        norms = [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _LOW_PRECISION else None) for t in dense]
+    # One call per input dtype: half-precision tensors get a float32 result, and the others keep their own dtype
+    # (_foreach_norm refuses to narrow float64), also in a model that mixes them.
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(dense):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    norms: list[torch.Tensor | None] = [None] * len(dense)
+    for dtype, indices in by_dtype.items():
+        group = [dense[i] for i in indices]
+        for i, norm in zip(indices, _group_norms(group, torch.float32 if dtype in _LOW_PRECISION else None)):
+            norms[i] = norm
     device = norms[0].device
     if any(n.device != device for n in norms):  # model parallel: gather the scalars on one device, still no sync
         norms = [n.to(device) for n in norms]
     return torch.stack(norms)  # promotes to the widest dtype (float64 stays float64)
+
+
+def _group_norms(tensors: list[torch.Tensor], out_dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """The norms of tensors of one dtype, as ``out_dtype`` (None: theirs)."""
+    foreach = getattr(torch, "_foreach_norm", None)
+    if foreach is not None:
+        try:
+            return list(foreach(tensors, 2, dtype=out_dtype))
+        except (NotImplementedError, RuntimeError, TypeError):
+            pass  # private API: a torch version, layout or device it does not cover
+    return [torch.linalg.vector_norm(t, dtype=out_dtype) for t in tensors]  # same values, one launch per tensor
 
 
 def _module_of(name: str) -> str:
@@ -53,7 +64,8 @@ class FrobeniusNormMonitor(L.Callback):
     parameter shared under several names (tied weights) once, under its first name, so a shared tensor counts once
     in the total. Buffers (BatchNorm running statistics) are not parameters and are not included. Frozen parameters
     (``requires_grad=False``) are included unless ``trainable_only=True``; the selection is made at each
-    measurement, so unfreezing during training shows up.
+    measurement, so unfreezing during training shows up. Integer parameters are skipped. Any dtype works: float64
+    norms are float64, bfloat16/float16 ones are accumulated in float32.
 
     Values are written straight to every logger of the trainer (``logger.log_metrics(values, step=global_step)``,
     on rank zero), not through ``pl_module.log``: Lightning's per-key bookkeeping would cost more than the
@@ -95,7 +107,9 @@ class FrobeniusNormMonitor(L.Callback):
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
         ):
-            raise ValueError(f"FrobeniusNormMonitor: every_n_steps must be None or an integer >= 1, got {every_n_steps!r}")
+            raise ValueError(
+                f"FrobeniusNormMonitor: every_n_steps must be None or an integer >= 1, got {every_n_steps!r}"
+            )
         self.every_n_steps = every_n_steps
         self.trainable_only = trainable_only
         self.group_by_module = group_by_module
@@ -146,8 +160,13 @@ class FrobeniusNormMonitor(L.Callback):
             return self._reduce(names, fused_norms([t.detach() for _, t in named]))
 
     def _parameters(self, pl_module: L.LightningModule) -> list[tuple[str, torch.Tensor]]:
-        # named_parameters() removes duplicates: a tied/shared tensor appears once, under its first name.
-        return [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad or not self.trainable_only]
+        # named_parameters() removes duplicates: a tied/shared tensor appears once, under its first name. Integer
+        # parameters (frozen lookup tables, counters) are no weights to watch, and torch has no norm of them.
+        return [
+            (n, p)
+            for n, p in pl_module.named_parameters()
+            if (p.is_floating_point() or p.is_complex()) and (p.requires_grad or not self.trainable_only)
+        ]
 
     def _gradients(self, pl_module: L.LightningModule) -> list[tuple[str, torch.Tensor]]:
         return [(n, p.grad) for n, p in self._parameters(pl_module) if p.grad is not None]
@@ -204,7 +223,9 @@ class FrobeniusNormMonitor(L.Callback):
         measured = self._measure(self._gradients(pl_module))
         self._pending_grad = None if measured is None else (target, *measured)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         self._last_epoch = trainer.current_epoch
         step = trainer.global_step
         if self.every_n_steps is None or step == self._last_step or step % self.every_n_steps:
@@ -270,7 +291,13 @@ class FrobeniusNormMonitor(L.Callback):
             ax.bar([p - 0.2 for p in positions], [before[k] for k in norms], width=0.4, color="tab:blue", alpha=0.35,
                    label="start of training")  # fmt: skip
             ax.bar([p + 0.2 for p in positions], list(norms.values()), width=0.4, color="tab:blue", label="end")
-            ax.axhline(before["total"], color="tab:red", linestyle=":", alpha=0.5, label=f"total at start = {before['total']:.4g}")
+            ax.axhline(
+                before["total"],
+                color="tab:red",
+                linestyle=":",
+                alpha=0.5,
+                label=f"total at start = {before['total']:.4g}",
+            )
         else:
             ax.bar(positions, list(norms.values()), color="tab:blue")
         ax.axhline(total, color="tab:red", linestyle="--", label=f"total = {total:.4g}")
@@ -287,8 +314,8 @@ class FrobeniusNormMonitor(L.Callback):
     def _save_figure(self, trainer: L.Trainer, entry: dict[str, Any], root: str) -> None:
         fig = self.figure(entry)
         path = Path(root) / "frobenius_norm" / f"norms_epoch{entry['epoch']}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        # Rendered in memory, then written atomically: a run killed mid-write leaves no half PNG.
+        save_figure(fig, path)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_figure"):  # TensorBoard's SummaryWriter (or tensorboardX)

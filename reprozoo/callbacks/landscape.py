@@ -11,12 +11,14 @@ place and copies the saved ones back. Under DDP the points are split across rank
 
 from __future__ import annotations
 
+import functools
 import inspect
+import io
 import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -27,9 +29,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.seed import isolate_rng
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, IterableDataset
+
+from reprozoo._files import save_figure, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,9 @@ def random_directions(
     for _ in range(num):
         d = {}
         for name, w in params.items():
-            w = w.detach()
+            # Normalised in float32 at least: bfloat16/float16 norms and products lose digits (and float16 norms
+            # overflow); the direction is rounded to the weight's dtype once, at the end.
+            w = w.detach().to(_work_dtype(w.dtype))
             raw = torch.randn(w.shape, generator=generator, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
             if w.dim() <= 1 and ignore == "biasbn":
                 raw.zero_()
@@ -87,8 +94,13 @@ def random_directions(
             w_norm = torch.sqrt(sum(w.detach().float().square().sum() for w in params.values()))
             d_norm = torch.sqrt(sum(v.float().square().sum() for v in d.values()))
             d = {n: v * (w_norm / (d_norm + 1e-10)).to(v.dtype) for n, v in d.items()}
-        directions.append(d)
+        directions.append({n: v.to(params[n].dtype) for n, v in d.items()})
     return directions
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to do arithmetic on weights of ``dtype`` in: float32 for half precision, else ``dtype`` itself."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------- objective
@@ -114,6 +126,10 @@ def _call_loss_method(module, batch):
 
 def _call_training_step(module, batch):
     return module.training_step(batch, 0)
+
+
+def _call_training_step_without_index(module, batch):
+    return module.training_step(batch)
 
 
 class _Captured:
@@ -169,8 +185,11 @@ class _MetricStates:
             m.__dict__.update(attributes)
 
 
-def _unpack(output: Any, captured: _Captured, accuracy_key: re.Pattern) -> tuple[torch.Tensor, Any]:
-    """(scalar loss, accuracy or None) from what the objective returned and logged."""
+def _unpack(output: Any, captured: _Captured, accuracy_key: re.Pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, accuracy) from what the objective returned and logged: scalars of one dtype (the loss's, at least
+    float32) on the loss's device, the accuracy NaN when there is none. Both evaluation modes go through here, so
+    their values stack whatever the module's dtype, precision plugin or default dtype; float64 comes later, on the
+    CPU (some accelerators have no float64)."""
     accuracy = None
     if isinstance(output, Mapping):
         if "loss" not in output:
@@ -189,9 +208,19 @@ def _unpack(output: Any, captured: _Captured, accuracy_key: re.Pattern) -> tuple
                 break
     if accuracy is not None and hasattr(accuracy, "compute") and not isinstance(accuracy, torch.Tensor):
         accuracy = accuracy.compute()  # a torchmetrics object logged by the step: reset just before, so this batch
-    if accuracy is not None:
-        accuracy = torch.as_tensor(accuracy).reshape(())
-    return output.reshape(()), accuracy
+    loss = output.reshape(()).to(_work_dtype(output.dtype))
+    if isinstance(accuracy, torch.Tensor):
+        accuracy = accuracy.reshape(()).to(device=loss.device, dtype=loss.dtype)
+    else:  # an explicit dtype: a Python number would take the default one, bfloat16 under "bf16-true"
+        accuracy = torch.tensor(
+            float("nan") if accuracy is None else float(accuracy), dtype=loss.dtype, device=loss.device
+        )
+    return loss, accuracy
+
+
+def _on_cpu(values: torch.Tensor) -> torch.Tensor:
+    """float64 on the CPU, where the grids are accumulated (the copy also waits for an accelerator to finish)."""
+    return values.cpu().to(torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------- the callback
@@ -205,16 +234,20 @@ class LossLandscape(L.Callback):
     seeded Gaussian directions normalised as :func:`random_directions` says. The module is put in eval mode for it
     (BatchNorm uses its running statistics, dropout is off) and every module's train/eval flag is restored after;
     the weights are unchanged bit for bit afterwards (vmap swaps the points' weights in with ``functional_call``; the
-    loop writes them in place and copies the saved values back, also when the objective raises). The global RNG state (CPU and current CUDA device) is restored too, so adding the callback does not
+    loop writes them in place and copies the saved values back, also when the objective raises), and so are the
+    buffers. The global RNG state (CPU and current CUDA device) is restored too, so adding the callback does not
     change training; the objective is run under a fixed seed, so a stochastic loss uses the same noise at every
-    grid point (common random numbers).
+    grid point (common random numbers). Parameters may be of any floating dtype (float32, float64, bfloat16,
+    float16, mixed): a point's weights are computed in float32 at least and rounded to each parameter's dtype once,
+    and the surface is accumulated in float64.
 
     **The loss**, in this order:
 
     1. ``loss_fn(pl_module, batch)`` when given;
     2. otherwise ``pl_module.loss(batch)`` when the module defines a ``loss`` method;
-    3. otherwise the loss returned by ``pl_module.training_step(batch, 0)`` (a tensor, or a mapping with
-       ``"loss"``, as Lightning accepts); not available with manual optimisation, whose step updates weights.
+    3. otherwise the loss returned by ``pl_module.training_step(batch, 0)`` (``training_step(batch)`` when it
+       takes no ``batch_idx``; a tensor, or a mapping with ``"loss"``, as Lightning accepts); not available with
+       manual optimisation, whose step updates weights, nor with a ``dataloader_iter`` step.
 
     Logging is suppressed while it runs (``self.log``/``self.log_dict`` reach no logger), and the module's
     torchmetrics objects are restored afterwards. A mapping returned by the objective may hold ``"accuracy"``;
@@ -225,7 +258,9 @@ class LossLandscape(L.Callback):
     **Data.** The first ``num_batches`` batches of the train (``dataloader="train"``) or first val loader, read in
     dataset order with the loader's batch size and collate function (no shuffling, no distributed sampler, so every
     rank and every epoch sees the same examples). They are read once, on the first call, and kept in memory, so a
-    random augmentation is drawn once too; they are moved to the device with the module's batch-transfer hooks.
+    random augmentation is drawn once too. As in Lightning's training loop, the trainer's precision plugin converts
+    them (``"64-true"``, ``"bf16-true"``: floating inputs to the module's dtype) and the module's batch-transfer
+    hooks move them to its device.
 
     **Evaluation.** ``mode="vmap"`` evaluates chunks of ``chunk_size`` grid points per forward; ``"loop"`` one
     point at a time (still reading each batch once). ``"auto"`` (default) falls back to the loop, with a warning
@@ -294,7 +329,9 @@ class LossLandscape(L.Callback):
             raise ValueError(f"LossLandscape: dim must be 1 or 2, got {dim!r}")
         positive_int("resolution", resolution)
         if resolution % 2 == 0:
-            raise ValueError(f"LossLandscape: resolution must be odd so the current weights are on the grid, got {resolution}")
+            raise ValueError(
+                f"LossLandscape: resolution must be odd so the current weights are on the grid, got {resolution}"
+            )
         if not (isinstance(span, (int, float)) and math.isfinite(span) and span > 0):
             raise ValueError(f"LossLandscape: span must be a positive number, got {span!r}")
         positive_int("num_batches", num_batches)
@@ -306,7 +343,9 @@ class LossLandscape(L.Callback):
         if mode not in ("auto", "vmap", "loop"):
             raise ValueError(f"LossLandscape: mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
         if normalization not in ("filter", "layer", "model", "none"):
-            raise ValueError(f"LossLandscape: normalization must be 'filter', 'layer', 'model' or 'none', got {normalization!r}")
+            raise ValueError(
+                f"LossLandscape: normalization must be 'filter', 'layer', 'model' or 'none', got {normalization!r}"
+            )
         if ignore not in ("biasbn", None):
             raise ValueError(f"LossLandscape: ignore must be 'biasbn' or None, got {ignore!r}")
         if loss_fn is not None and not callable(loss_fn):
@@ -324,6 +363,7 @@ class LossLandscape(L.Callback):
         self.timings: dict[str, float] | None = None  # the "auto" mode's measurement, when it made one
         self._batches: list[Any] | None = None
         self._last_epoch = 0
+        self._fallback_warned = False
 
     @property
     def state_key(self) -> str:
@@ -344,7 +384,12 @@ class LossLandscape(L.Callback):
 
     def _parameters(self, pl_module: nn.Module) -> dict[str, torch.Tensor]:
         # named_parameters() yields a shared tensor once; functional_call(tie_weights=True) swaps all its names.
-        return {n: p for n, p in pl_module.named_parameters() if p.requires_grad or not self.trainable_only}
+        # Integer parameters (frozen lookup tables, counters) have no direction to move along.
+        return {
+            n: p
+            for n, p in pl_module.named_parameters()
+            if p.is_floating_point() and (p.requires_grad or not self.trainable_only)
+        }
 
     # ---- data -----------------------------------------------------------------------------------------------
 
@@ -370,7 +415,9 @@ class LossLandscape(L.Callback):
             return self._batches
         loader = loader if loader is not None else self._source_loader(trainer)
         # a loader made with a batch_sampler has batch_size None
-        batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        batch_size = getattr(loader, "batch_size", None) or getattr(
+            getattr(loader, "batch_sampler", None), "batch_size", None
+        )
         if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and batch_size:
             # Dataset order, no sampler: the same examples on every rank and at every epoch.
             loader = DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn)
@@ -385,7 +432,10 @@ class LossLandscape(L.Callback):
         return batches
 
     @staticmethod
-    def _to_device(pl_module: L.LightningModule, batch: Any) -> Any:
+    def _to_device(trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> Any:
+        # As Lightning's training loop does: the precision plugin first ("64-true" and "bf16-true" cast the floating
+        # inputs to the module's dtype), then the module's transfer hooks.
+        batch = trainer.precision_plugin.convert_input(batch)
         batch = pl_module.on_before_batch_transfer(batch, 0)
         batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
         return pl_module.on_after_batch_transfer(batch, 0)
@@ -402,7 +452,16 @@ class LossLandscape(L.Callback):
                 f"LossLandscape: {type(pl_module).__name__} uses manual optimisation, so its training_step updates the "
                 "weights; give the callback a loss_fn(pl_module, batch) or define a loss(batch) method on the module"
             )
-        return _call_training_step
+        step = pl_module.training_step
+        if is_param_in_hook_signature(step, "dataloader_iter", explicit=True):
+            raise RuntimeError(
+                f"LossLandscape: {type(pl_module).__name__}.training_step takes a dataloader_iter, not a batch; give the "
+                "callback a loss_fn(pl_module, batch) or define a loss(batch) method on the module"
+            )
+        # Lightning passes batch_idx only to a training_step that takes it; so does the callback.
+        if is_param_in_hook_signature(step, "batch_idx", min_args=2):
+            return _call_training_step
+        return _call_training_step_without_index
 
     def compute(
         self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader: DataLoader | None = None
@@ -436,25 +495,36 @@ class LossLandscape(L.Callback):
         captured = _Captured()
         metrics = _MetricStates(pl_module)
         modes = {m: m.training for m in pl_module.modules()}
-        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        # The loop writes rank zero's buffers under DDP, and a module may update a buffer in eval mode too (a
+        # counter, a cache): all of them are put back as they were.
+        saved_buffers = [(m, n, b, b.clone()) for m in pl_module.modules() for n, b in m.named_buffers(recurse=False)]
+        cuda = pl_module.device.type == "cuda"
         try:
-            with isolate_rng(include_cuda=bool(cuda)), torch.no_grad(), _suppressed_logging(pl_module, captured):
+            with isolate_rng(include_cuda=cuda), torch.no_grad(), _suppressed_logging(pl_module, captured):
                 pl_module.eval()
-                batches = [self._to_device(pl_module, b) for b in self._fixed_batches(trainer, dataloader)]
-                loss, acc = self._evaluate(trainer, objective, params, buffers, directions, mine, batches, captured, metrics)
+                batches = [self._to_device(trainer, pl_module, b) for b in self._fixed_batches(trainer, dataloader)]
+                loss, acc = self._evaluate(
+                    trainer, objective, params, buffers, directions, mine, batches, captured, metrics
+                )
         finally:
             for m, training in modes.items():
                 m.training = training
             metrics.restore()
+            with torch.no_grad():
+                for m, n, b, value in saved_buffers:
+                    if getattr(m, n) is not b:
+                        setattr(m, n, b)
+                    if not torch.equal(b, value):
+                        b.copy_(value)
 
         # Pad to the same length on every rank, gather, drop the padding.
         loss = torch.nn.functional.pad(loss, (0, per_rank - len(loss)), value=float("nan"))
         acc = torch.nn.functional.pad(acc, (0, per_rank - len(acc)), value=float("nan"))
-        both = torch.stack([loss, acc]).to(pl_module.device)
+        both = torch.stack([loss, acc])  # float64 on the CPU
         if world > 1:
-            both = trainer.strategy.all_gather(both)  # (world, 2, per_rank)
-            both = both.permute(1, 0, 2).reshape(2, -1)
-        both = both[:, : len(coords)].double().cpu().numpy()
+            both = trainer.strategy.all_gather(both.to(pl_module.device))  # (world, 2, per_rank)
+            both = both.permute(1, 0, 2).reshape(2, -1).cpu()
+        both = both[:, : len(coords)].numpy()
         shape = (self.resolution,) * self.dim
         result: dict[str, Any] = {"x": self.axes(), "loss": both[0].reshape(shape)}
         if self.dim == 2:
@@ -469,90 +539,88 @@ class LossLandscape(L.Callback):
         return result
 
     def _evaluate(self, trainer, objective, params, buffers, directions, coords, batches, captured, metrics):
-        """(loss (P,), accuracy (P,) or NaNs) for this rank's grid points, averaged over the batches."""
+        """(loss (P,), accuracy (P,) or NaNs), float64 on the CPU, for this rank's grid points, averaged over the
+        batches."""
         sizes = torch.tensor([float(extract_batch_size(b)) for b in batches], dtype=torch.float64)
         weights = sizes / sizes.sum()
-        device = next(iter(params.values())).device
         loss = torch.zeros(len(coords), dtype=torch.float64)
         acc = torch.zeros(len(coords), dtype=torch.float64)
-        dtype = next(iter(params.values())).dtype
         names = list(params)
 
-        def point_params(c: torch.Tensor) -> dict[str, torch.Tensor]:
-            """``theta + c[0] d1 (+ c[1] d2)`` for coordinates ``c`` of shape (dim,), or (P, dim) -> stacked (P, ...)."""
-            out = {}
+        def point_params(base: Mapping[str, torch.Tensor], c: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+            """``(name, base + c[0] d1 (+ c[1] d2))`` per parameter, for CPU float64 coordinates ``c`` of shape
+            (dim,), or (P, dim) -> stacked (P, ...). Both modes build a point's weights here, so they evaluate the
+            very same weights; one parameter at a time, so the loop holds one extra tensor, not a model copy."""
+            placed = {}  # the coordinates per (device, dtype): one small copy each, not one per parameter
             for name in names:
-                w = theta = params[name]
+                theta = base[name]
+                work = _work_dtype(theta.dtype)  # half-precision arithmetic would round a * d before adding it
+                key = (theta.device, work)
+                if key not in placed:  # cast on the CPU first: some accelerators have no float64
+                    placed[key] = c.to(work).to(theta.device)
+                w = theta.to(work)
                 for k in range(self.dim):
-                    scale = c[..., k].reshape(c.shape[:-1] + (1,) * theta.dim())  # () or (P, 1, ..., 1)
-                    w = w + scale * directions[k][name]
-                out["module." + name] = w
-            return out
+                    scale = placed[key][..., k].reshape(c.shape[:-1] + (1,) * theta.dim())  # () or (P, 1, ..., 1)
+                    w = w + scale * directions[k][name].to(work)
+                yield name, w.to(theta.dtype)
 
         def evaluate(point: dict[str, torch.Tensor], batch) -> tuple[torch.Tensor, torch.Tensor]:
             captured.values.clear()
             torch.manual_seed(self.seed)  # common random numbers: the same noise at every point
-            out = functional_call(objective, {**buffers, **point}, (batch,))
-            value, accuracy = _unpack(out, captured, self.accuracy_key)
-            if accuracy is None:
-                accuracy = torch.full((), float("nan"), device=value.device)
-            return value.double(), accuracy.double()
+            return _unpack(functional_call(objective, {**buffers, **point}, (batch,)), captured, self.accuracy_key)
 
-        # Both return (values, accuracies), each (len(chunk), len(batches)); the weights of a point are built once
-        # for all batches.
+        # Both return (values, accuracies), each (len(chunk), len(batches)) in float64 on the CPU; the weights of a
+        # point are built once for all batches.
         def run_vmap(chunk: torch.Tensor, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-            stacked = point_params(chunk.to(device=device, dtype=dtype))  # {name: (P, ...)}
+            stacked = {"module." + name: w for name, w in point_params(params, chunk)}  # {name: (P, ...)}
             columns = []
             for batch in batches:
                 metrics.reset()
-                columns.append(vmap(lambda p: evaluate(p, batch), randomness="same")(stacked))
-            return torch.stack([v for v, _ in columns], 1), torch.stack([a for _, a in columns], 1)
+                columns.append(vmap(functools.partial(evaluate, batch=batch), randomness="same")(stacked))
+            return _on_cpu(torch.stack([v for v, _ in columns], 1)), _on_cpu(torch.stack([a for _, a in columns], 1))
 
         live = dict(objective.module.named_parameters())
         live_buffers = dict(objective.module.named_buffers())
 
         def run_loop(chunk: torch.Tensor, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
             # One point at a time, the classic way: the point's weights are written into the parameters in place (no
-            # allocation, no reparametrisation per call) and the saved values copied back at the end, bit for bit.
+            # reparametrisation per call) and the saved values copied back at the end, bit for bit. compute()
+            # restores the buffers.
             theta = {name: params[name].clone() for name in names}  # params are views of the live parameters
-            saved_buffers = {n: live_buffers[n[len("module.") :]].clone() for n in buffers}
             values, accs = [], []
             try:
                 for n, b in buffers.items():  # DDP: rank zero's buffers (see compute)
                     live_buffers[n[len("module.") :]].copy_(b)
-                for c in chunk.tolist():
-                    for name in names:
-                        p = live[name].copy_(theta[name])
-                        for k in range(self.dim):
-                            p.add_(directions[k][name], alpha=c[k])
+                for c in chunk:
+                    for name, w in point_params(theta, c):
+                        live[name].copy_(w)
                     for batch in batches:
                         metrics.reset()  # a metric logged by the objective then holds this point's batch only
                         captured.values.clear()
                         torch.manual_seed(self.seed)
                         value, accuracy = _unpack(objective(batch), captured, self.accuracy_key)
-                        values.append(value.double())
-                        accs.append(torch.full((), float("nan")) if accuracy is None else accuracy.double())
+                        values.append(value)
+                        accs.append(accuracy)
             finally:
                 for name in names:
                     live[name].copy_(theta[name])
-                for n, b in saved_buffers.items():
-                    live_buffers[n[len("module.") :]].copy_(b)
             shape = (len(chunk), len(batches))
-            return torch.stack([v.cpu() for v in values]).reshape(shape), torch.stack([a.cpu() for a in accs]).reshape(shape)
+            return _on_cpu(torch.stack(values)).reshape(shape), _on_cpu(torch.stack(accs)).reshape(shape)
 
         chunks = [coords[i : i + self.chunk_size] for i in range(0, len(coords), self.chunk_size)]
         if not chunks:  # more ranks than grid points
             return loss, acc
         with trainer.precision_plugin.forward_context():
-            mode = self._choose_mode(run_vmap, run_loop, chunks[0], batches[0], metrics, type(objective.module).__name__)
+            name = type(objective.module).__name__
+            mode = self._choose_mode(run_vmap, run_loop, chunks[0], batches[0], metrics, name)
             run = run_vmap if mode == "vmap" else run_loop
             bar = self._progress_bar(trainer, len(coords) * len(batches))
             try:
                 position = 0
                 for chunk in chunks:
                     values, accs = run(chunk, batches)  # (n, B) each
-                    loss[position : position + len(chunk)] = values.cpu() @ weights
-                    acc[position : position + len(chunk)] = accs.cpu() @ weights
+                    loss[position : position + len(chunk)] = values @ weights
+                    acc[position : position + len(chunk)] = accs @ weights
                     bar.update(len(chunk) * len(batches))
                     position += len(chunk)
             finally:
@@ -572,13 +640,17 @@ class LossLandscape(L.Callback):
         chunk = chunk[:8]  # a probe: enough points to see vmap's per-point cost, little work wasted on a small grid
         try:
             metrics.reset()
-            run_vmap(chunk, [batch])[0].cpu()  # warm-up, and the test that vmap can run it at all
+            run_vmap(chunk, [batch])  # warm-up, and the test that vmap can run it at all
         except Exception as err:  # noqa: BLE001 - any failure of vmap's transforms means: loop instead
             message = str(err).splitlines()[0] if str(err) else ""
-            log.warning(
-                "LossLandscape: %s cannot be evaluated with vmap (%s: %s); evaluating the grid points one at a time",
+            # Once a warning, then information: the same fallback at every epoch tells the user nothing new.
+            log.log(
+                logging.INFO if self._fallback_warned else logging.WARNING,
+                "LossLandscape: %s cannot be evaluated with vmap (%s: %s); evaluating the grid points one at a time "
+                "(same values, slower on accelerators; pass mode='loop' to skip this check)",
                 name, type(err).__name__, message,
             )  # fmt: skip
+            self._fallback_warned = True
             return "loop"
         if len(chunk) < 2:
             return "vmap"
@@ -586,7 +658,7 @@ class LossLandscape(L.Callback):
         def per_point(fn, points) -> float:
             metrics.reset()
             start = time.perf_counter()
-            fn(points, [batch])[0].cpu()  # the copy waits for an accelerator to finish
+            fn(points, [batch])  # returns CPU values: an accelerator has finished
             return (time.perf_counter() - start) / len(points)
 
         vmap_s = per_point(run_vmap, chunk)
@@ -630,7 +702,9 @@ class LossLandscape(L.Callback):
         root = Path(self._log_dir(trainer)) / "loss_landscape"
         path = root / f"epoch_{epoch}.npz"
         centre = result["loss"][(self.resolution // 2,) * self.dim]
-        self.history.append({"epoch": epoch, "step": trainer.global_step, "center_loss": float(centre), "file": str(path)})
+        self.history.append(
+            {"epoch": epoch, "step": trainer.global_step, "center_loss": float(centre), "file": str(path)}
+        )
         self._save(trainer, result, path, epoch)
 
     @staticmethod
@@ -641,7 +715,7 @@ class LossLandscape(L.Callback):
 
     @rank_zero_only
     def _save(self, trainer: L.Trainer, result: dict[str, Any], path: Path, epoch: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Serialised in memory, then written atomically: a run killed mid-write leaves no half file to load.
         arrays = {k: result[k] for k in ("x", "y", "loss", "accuracy") if k in result}
         if self.save_directions:
             names = result["parameter_names"]
@@ -650,13 +724,15 @@ class LossLandscape(L.Callback):
             )
             arrays["parameter_names"] = np.array(names)
             arrays["parameter_numels"] = np.array([result["directions"][0][n].numel() for n in names])
-        np.savez(path, **arrays)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomic(path, buffer.getvalue())
         log.info("LossLandscape: %s (%s, %.1f s)", path, result["mode"], result["seconds"])
         if not self.plot:
             return
         figures = self.figures(result, title=f"epoch {epoch}, step {trainer.global_step}")
         for kind, fig in figures.items():
-            fig.savefig(path.with_name(f"{path.stem}_{kind}.png"), dpi=100)
+            save_figure(fig, path.with_name(f"{path.stem}_{kind}.png"))
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
                 if hasattr(experiment, "add_figure"):

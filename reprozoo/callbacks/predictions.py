@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +11,8 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from reprozoo._files import write_atomic
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -21,6 +24,8 @@ class PredictionWriter(BasePredictionWriter):
     ``predictions_batch<i>.pt`` files as it goes instead (for outputs larger than memory).
     ``format="csv"`` writes ``predictions.csv`` instead, for ``predict_step`` outputs that are dicts of equal-length
     lists or 1-d tensors (one row per example, with its dataset ``index`` and ``dataloader`` as first columns).
+    Every file is written atomically (temporary file + rename): a killed run never leaves half a file under the
+    final name.
     """
 
     def __init__(
@@ -45,7 +50,8 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx: int, dataloader_idx: int) -> None:
         stem = f"predictions_dl{dataloader_idx}_batch{batch_idx}"
-        torch.save({"predictions": prediction, "batch_indices": batch_indices}, self._dir(trainer) / self._name(trainer, stem))
+        path = self._dir(trainer) / self._name(trainer, stem)
+        _save_atomic({"predictions": prediction, "batch_indices": batch_indices}, path)
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         # Lightning flattens the predictions (not the indices) of a single dataloader; keep one layout for both:
@@ -59,7 +65,7 @@ class PredictionWriter(BasePredictionWriter):
             path = path.with_suffix(".csv")
             self._write_csv(path, predictions, batch_indices)
         else:
-            torch.save({"predictions": predictions, "batch_indices": batch_indices}, path)
+            _save_atomic({"predictions": predictions, "batch_indices": batch_indices}, path)
         print(f"PredictionWriter: wrote {path}", flush=True)
 
     @staticmethod
@@ -73,9 +79,15 @@ class PredictionWriter(BasePredictionWriter):
                 columns = columns or list(values)
                 for j, i in enumerate(idx):
                     rows.append([i, dl] + [values[c][j] for c in columns])
-        tmp = path.with_suffix(".csv.part")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["index", "dataloader"] + (columns or []))
-            writer.writerows(rows)
-        os.replace(tmp, path)  # never leave a half-written file under the final name
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["index", "dataloader"] + (columns or []))
+        writer.writerows(rows)
+        write_atomic(path, text.getvalue().encode("utf-8"))
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to memory, then one atomic write."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())

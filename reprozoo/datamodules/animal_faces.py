@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from reprozoo._files import cache_dir, offline, write_atomic
+from reprozoo._files import data_path, data_root, offline, write_atomic
 from reprozoo.datamodules._base import _SplitsDataModule
 
 CLASSES = ("cat", "dog", "wild")
@@ -51,8 +51,8 @@ MEAN = STD = 0.5  # the tutorial's Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def default_data_dir() -> Path:
-    """``$REPROZOO_CACHE/data/afhq`` (the cache defaults to ``~/.cache/reprozoo``, as for the zoo)."""
-    return cache_dir() / "data" / "afhq"
+    """The data root itself (:func:`reprozoo._files.data_root`): AFHQ lives in its ``afhq/`` folder."""
+    return data_root()
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -273,7 +273,7 @@ class AnimalFacesDataModule(_SplitsDataModule):
 
     Args:
         data_dir: the folder that holds ``afhq/`` (and any ``afhq_random*/``); default
-            ``$REPROZOO_CACHE/data/afhq``.
+            the data root (``$REPROZOO_DATA``, see README), i.e. the images in ``$REPROZOO_DATA/afhq/train/``.
         url: where the official archive is downloaded from when ``afhq/train`` is missing (a ``file://`` URL
             works); nothing is downloaded with ``REPROZOO_OFFLINE=1``.
         image_size: images are resized to ``image_size`` x ``image_size`` (tutorial: 32).
@@ -320,7 +320,7 @@ class AnimalFacesDataModule(_SplitsDataModule):
             if value < 0:
                 raise ValueError(f"{name}: {field} must be >= 0, got {value}")
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.data_dir = data_path(data_dir) if data_dir is not None else default_data_dir()
         self.classes = list(CLASSES)
         self.num_classes = len(CLASSES)
         self.splits: dict[str, AnimalFacesDataset] = {}

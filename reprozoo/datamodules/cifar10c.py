@@ -17,8 +17,8 @@ Two sources (``source``):
   archive is deleted afterwards (about 6 GB of free space are needed meanwhile).
 * ``"generate"``: CIFAR-10-C-style data made here by :mod:`reprozoo.datamodules.corruptions` (the CIFAR
   parameters of ``make_cifar_c.py``, re-derived with numpy and PIL) from a clean CIFAR-10 test set: an ``.npz``
-  with ``x`` uint8 (N, 32, 32, 3) and ``y`` (``clean_npz``, e.g. ``../shared/data/cifar10/test_jpeg_q75.npz``,
-  read in place), or torchvision's CIFAR10 test set (``clean="torchvision"``, in ``clean_root``). Only the
+  with ``x`` uint8 (N, 32, 32, 3) and ``y`` (``clean_npz``, a path, relative ones looked up under
+  the data root: ``cifar10/test.npz``; read in place), or torchvision's CIFAR10 test set (``clean="torchvision"``, in ``clean_root``). Only the
   requested severities are generated, and only the first rows a run needs (see ``num_examples``); results are
   cached, one file per severity (the official files stack 5 severities; generating all 5 would cost 5 times
   as much when one is wanted)::
@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from reprozoo._files import cache_dir, offline, sha256_file, write_atomic
+from reprozoo._files import data_path, data_root, offline, sha256_file, write_atomic
 from reprozoo.datamodules.corruptions import (
     BENCHMARK_CORRUPTIONS,
     CORRUPTIONS,
@@ -94,13 +94,14 @@ STD = (0.2470, 0.2435, 0.2616)
 
 
 def default_data_dir() -> Path:
-    """``$REPROZOO_CACHE/data/cifar10c``: holds ``CIFAR-10-C/`` and ``CIFAR-10-C-generated/``."""
-    return cache_dir() / "data" / "cifar10c"
+    """The data root itself (:func:`reprozoo._files.data_root`): it holds ``CIFAR-10-C/`` (robustbench's layout)
+    and ``CIFAR-10-C-generated/``."""
+    return data_root()
 
 
 def default_clean_root() -> Path:
-    """``$REPROZOO_CACHE/data/cifar10``: torchvision's root for its CIFAR10 (``cifar-10-batches-py/``)."""
-    return cache_dir() / "data" / "cifar10"
+    """``<data root>/cifar10``: torchvision's root for its CIFAR10 (``cifar-10-batches-py/``)."""
+    return data_root() / "cifar10"
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -375,7 +376,7 @@ class CIFAR10CDataModule(L.LightningDataModule):
 
     Args:
         data_dir: holds ``CIFAR-10-C/`` (official) and ``CIFAR-10-C-generated/`` (generated); default
-            ``$REPROZOO_CACHE/data/cifar10c``.
+            the data root (``$REPROZOO_DATA``, see README).
         source: ``"official"`` (the published arrays, downloaded when missing and online) or ``"generate"``
             (made here from a clean CIFAR-10 test set and cached; see the module docstring).
         corruptions: names among the 15 benchmark corruptions and the 4 extra ones (``speckle_noise``,
@@ -389,15 +390,16 @@ class CIFAR10CDataModule(L.LightningDataModule):
             generates every row up to the largest index drawn.
         shuffle: serve each domain's items in one seeded random order (the same for every domain, the same in
             every epoch) instead of file order. Use it with class-sorted sources such as
-            ``../shared/data/cifar10/test_jpeg_q75.npz`` (grouped by class), so that batches mix classes as in
+            an ``.npz`` of the test set grouped by class, so that batches mix classes as in
             the official test order: batch-statistics methods such as TENT need that (``subset="random"`` mixes
             classes too).
         include_clean: add the ``"clean"`` domain first: the clean test set (``clean_npz`` or torchvision's),
             which must have the same images and labels, in the same order, as the corrupted ones.
         clean: where clean images come from, ``"npz"`` (``clean_npz``) or ``"torchvision"`` (``clean_root``);
             default: ``"npz"`` when ``clean_npz`` is given, else ``"torchvision"``.
-        clean_npz: an ``.npz`` with ``x`` uint8 (N, 32, 32, 3) and ``y`` (N,), read in place.
-        clean_root: torchvision's CIFAR10 root (default ``$REPROZOO_CACHE/data/cifar10``); downloaded there by
+        clean_npz: an ``.npz`` with ``x`` uint8 (N, 32, 32, 3) and ``y`` (N,), read in place; a relative path that
+            is not in the working directory is looked up under the data root.
+        clean_root: torchvision's CIFAR10 root (default ``<data root>/cifar10``); downloaded there by
             torchvision when missing, unless offline.
         frost_dir: the folder with ``make_cifar_c.py``'s frost textures, needed to generate ``frost``.
         normalize: normalise items with ``mean`` / ``std`` (default: no, items in [0, 1]).
@@ -499,11 +501,11 @@ class CIFAR10CDataModule(L.LightningDataModule):
             if not (_is_int(value) and value >= 0):
                 raise ValueError(f"{name}: {field} must be an integer >= 0, got {value!r}")
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.data_dir = data_path(data_dir) if data_dir is not None else default_data_dir()
         self.corruptions = tuple(corruptions)
         self.severities = tuple(int(s) for s in severities)
         self.clean_kind = clean or ("npz" if clean_npz is not None else "torchvision")
-        self.clean_root = Path(clean_root) if clean_root is not None else default_clean_root()
+        self.clean_root = data_path(clean_root) if clean_root is not None else default_clean_root()
         self.classes = list(CLASSES)
         self.num_classes = len(CLASSES)
         self.domains = (["clean"] if include_clean else []) + [
@@ -580,7 +582,7 @@ class CIFAR10CDataModule(L.LightningDataModule):
             name, hp = type(self).__name__, self.hparams
             try:
                 if self.clean_kind == "npz":
-                    path = Path(hp.clean_npz)
+                    path = data_path(hp.clean_npz)
                     if not path.is_file():
                         raise FileNotFoundError(
                             f"clean_npz {path} does not exist; it must be an .npz with x uint8 (N, 32, 32, 3) and y"

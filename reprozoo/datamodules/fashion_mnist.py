@@ -6,8 +6,9 @@ Files: the official idx files, in torchvision's raw layout (``torchvision.datase
     <data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
 
 The uncompressed files that torchvision extracts next to them (same names without ``.gz``) are read when the
-``.gz`` ones are absent. A flat folder works too: ``data_dir`` holding the needed files directly (e.g. the MNIST
-test files of ``../shared/data/mnist`` with ``train_source="test"``). Missing files are downloaded, unless ``REPROZOO_OFFLINE`` is set, with torchvision's own
+``.gz`` ones are absent. A flat folder works too: ``data_dir`` holding the needed files directly (e.g. only the
+MNIST test files, with ``train_source="test"``). The default ``data_dir`` is ``mnist/`` or ``fashion_mnist/`` under
+the data root (``$REPROZOO_DATA``). Missing files are downloaded, unless ``REPROZOO_OFFLINE`` is set, with torchvision's own
 machinery and lists: its ``mirrors`` and its ``resources`` (file name and md5) of the dataset class, each file into a
 temporary folder first and then moved into ``raw/`` with one rename, so an interrupted download never looks like
 data. Only the files that ``train_source`` needs are fetched.
@@ -38,7 +39,7 @@ import torch
 import torchvision.datasets
 from torch.utils.data import Dataset, get_worker_info
 
-from reprozoo._files import cache_dir, offline
+from reprozoo._files import data_path, data_root, offline
 from reprozoo.datamodules._base import _SplitsDataModule
 
 IMAGE_SIZE = 28
@@ -65,9 +66,10 @@ DATASETS = {
 }
 
 
-def default_data_dir() -> Path:
-    """``$REPROZOO_CACHE/data/mnist`` (torchvision's root: it holds ``MNIST/raw`` and ``FashionMNIST/raw``)."""
-    return cache_dir() / "data" / "mnist"
+def default_data_dir(dataset: str = "fashion_mnist") -> Path:
+    """``<data root>/mnist`` or ``<data root>/fashion_mnist`` (:func:`reprozoo._files.data_root`): the official idx
+    files directly in it, or torchvision's layout below it (``MNIST/raw``, ``FashionMNIST/raw``)."""
+    return data_root() / dataset
 
 
 # ----------------------------------------------------------------------------------------------- idx files
@@ -350,8 +352,8 @@ class FashionMNISTDataModule(_SplitsDataModule):
 
     Args:
         dataset: ``"fashion_mnist"`` or ``"mnist"``.
-        data_dir: torchvision's root, the folder holding ``FashionMNIST/raw/`` and ``MNIST/raw/``; default
-            ``$REPROZOO_CACHE/data/mnist``.
+        data_dir: a folder with the official idx files, directly or in torchvision's layout (``MNIST/raw/``,
+            ``FashionMNIST/raw/``); default ``<data root>/<dataset>`` (``$REPROZOO_DATA/mnist``, see README).
         train_source: ``"train"`` (official split) or ``"test"`` (split the official test file, see above).
         val_size: held out for val; None = 5,000 with ``train_source="train"``, a tenth of ``num_train`` with
             ``"test"``.
@@ -421,7 +423,7 @@ class FashionMNISTDataModule(_SplitsDataModule):
                 raise ValueError(f"{name}: {field} must be an integer >= 0, got {value!r}")
         self.save_hyperparameters()
         self.info = DATASETS[dataset]
-        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.data_dir = data_path(data_dir) if data_dir is not None else default_data_dir(dataset)
         self.classes = list(self.info.torchvision_class.classes)
         self.num_classes = NUM_CLASSES
         self.mean, self.std = self.info.mean, self.info.std

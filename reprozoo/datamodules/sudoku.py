@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from reprozoo._files import cache_dir, offline, sha256_file, write_atomic
+from reprozoo._files import data_path, data_root, offline, sha256_file, write_atomic
 from reprozoo.datamodules._base import _SplitsDataModule
 
 PAD, BLANK = 0, 1
@@ -118,20 +118,79 @@ def _digits(grid: str | torch.Tensor | Sequence[int]) -> list[int] | None:
     return [t - 1 for t in values]
 
 
+_COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def grid_problem(grid: str | torch.Tensor | Sequence[int], *, complete: bool = False) -> str | None:
+    """What keeps ``grid`` (an 81-character string or 81 tokens) from being a sudoku grid, in words; None if nothing.
+
+    The problems, in this order: not a string or token sequence, a wrong length, a character or token that is no
+    cell, with ``complete=True`` a blank cell, and a digit twice in a row, column or box ("row 2 has two 5s"; for a
+    question: givens that contradict each other). This is the one grid check: ``is_valid_solution(grid)`` is
+    ``grid_problem(grid, complete=True) is None``.
+    """
+    if isinstance(grid, str):
+        if len(grid) != SEQ_LEN:
+            return f"has {len(grid)} characters, a sudoku has {SEQ_LEN}"
+        # "replace" turns each non-ASCII character into one '?', so positions stay those of the string
+        bad = np.flatnonzero(_LUT_QUESTION[np.frombuffer(grid.encode("ascii", "replace"), dtype=np.uint8)] == 255)
+        if bad.size:
+            pos = int(bad[0])
+            return f"character {grid[pos]!r} at position {pos + 1} is not '.', '0' or 1-9"
+    else:
+        try:
+            values = torch.as_tensor(grid).reshape(-1).tolist()
+        except (TypeError, ValueError, RuntimeError):
+            return f"is a {type(grid).__name__}, not an {SEQ_LEN}-character string or {SEQ_LEN} tokens"
+        if len(values) != SEQ_LEN:
+            return f"has {len(values)} tokens, a sudoku has {SEQ_LEN}"
+        bad = [i for i, t in enumerate(values) if not BLANK <= t <= 10]
+        if bad:
+            return f"token {values[bad[0]]} at position {bad[0] + 1} is not a sudoku token (1 = blank, 2..10 = 1..9)"
+    digits = _digits(grid)  # not None: length and cells were checked above
+    if complete and 0 in digits:
+        pos = digits.index(0)
+        return f"cell {pos + 1} (row {pos // 9 + 1}, column {pos % 9 + 1}) is blank"
+    for name, unit in zip(_UNIT_NAMES, _UNITS):
+        filled = [digits[c] for c in unit if digits[c]]
+        if len(set(filled)) < len(filled):
+            digit = next(d for d in filled if filled.count(d) > 1)
+            return f"{name} has {_COUNT_WORDS[filled.count(digit)]} {digit}s"
+    return None
+
+
 def is_valid_solution(grid: str | torch.Tensor | Sequence[int]) -> bool:
     """True iff ``grid`` (string or tokens) is a complete grid whose rows, columns and boxes each hold 1..9 once."""
-    digits = _digits(grid)
-    if digits is None or 0 in digits:
-        return False
-    return all(len({digits[c] for c in unit}) == 9 for unit in _UNITS)
+    return grid_problem(grid, complete=True) is None
+
+
+def _given_overwritten(question: list[int], answer: list[int]) -> str | None:
+    """The first given of ``question`` that ``answer`` changes, in words (digit lists, 0 = blank); None if none."""
+    for pos, (qd, ad) in enumerate(zip(question, answer)):
+        if qd and qd != ad:
+            return f"cell {pos + 1} (row {pos // 9 + 1}, column {pos % 9 + 1}) is given as {qd} but the answer has {ad}"
+    return None
 
 
 def consistent(question: str | torch.Tensor | Sequence[int], answer: str | torch.Tensor | Sequence[int]) -> bool:
     """True iff ``answer`` agrees with every given of ``question`` (blanks of the question may hold anything)."""
     q, a = _digits(question), _digits(answer)
-    if q is None or a is None:
-        return False
-    return all(qd == 0 or qd == ad for qd, ad in zip(q, a))
+    return q is not None and a is not None and _given_overwritten(q, a) is None
+
+
+def answer_problem(
+    question: str | torch.Tensor | Sequence[int], answer: str | torch.Tensor | Sequence[int]
+) -> str | None:
+    """Why ``answer`` does not solve ``question``, in words ("is not a valid sudoku (row 2 has two 5s)", "is
+    inconsistent with the givens: cell 5 ..."); None if it is a valid grid consistent with the givens."""
+    problem = grid_problem(answer, complete=True)
+    if problem is not None:
+        return f"is not a valid sudoku ({problem})"
+    q = _digits(question)
+    if q is None:
+        return f"answers a question that is not a sudoku ({grid_problem(question)})"
+    overwritten = _given_overwritten(q, _digits(answer))
+    return None if overwritten is None else f"is inconsistent with the givens: {overwritten}"
 
 
 # ----------------------------------------------------------------------------------------------- solver
@@ -633,8 +692,8 @@ class EpochSampler(Sampler[int]):
 
 
 def default_data_dir() -> Path:
-    """``$REPROZOO_CACHE/data/sudoku-extreme`` (the cache defaults to ``~/.cache/reprozoo``, as for the zoo)."""
-    return cache_dir() / "data" / "sudoku-extreme"
+    """``<data root>/sudoku-extreme`` (:func:`reprozoo._files.data_root`)."""
+    return data_root() / "sudoku-extreme"
 
 
 class SudokuExtremeDataModule(_SplitsDataModule):
@@ -651,7 +710,7 @@ class SudokuExtremeDataModule(_SplitsDataModule):
             from the Hugging Face dataset ``sapientinc/sudoku-extreme``) or ``generate`` (own unique-solution
             puzzles with ``num_givens`` givens, cached in ``data_dir``).
         data_dir: where ``train.csv``/``test.csv`` are, or go, or where generated puzzles are cached; default
-            ``$REPROZOO_CACHE/data/sudoku-extreme``.
+            ``<data root>/sudoku-extreme`` (``$REPROZOO_DATA/sudoku-extreme``, see README).
         train_file, test_file: for ``csv``, any CSV of the official columns instead of ``data_dir/{train,test}.csv``.
         hub_url: base URL of the hub files (a ``file://`` URL works, which is how the download is tested).
         num_givens: givens per generated puzzle (17..80; the generator is fast from ~24 up).
@@ -714,7 +773,7 @@ class SudokuExtremeDataModule(_SplitsDataModule):
             field = "train_file" if train_file is not None else "test_file"
             raise ValueError(f"{name}: {field} is only used with source='csv', got source={source!r}")
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.data_dir = data_path(data_dir) if data_dir is not None else default_data_dir()
         self.splits: dict[str, SudokuDataset] = {}
         self.val_source: str | None = None
         self._verified: set[Path] = set()

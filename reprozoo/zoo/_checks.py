@@ -33,6 +33,7 @@ __all__ = [
     "check_checkpoint_file",
     "check_finite_loss",
     "class_path",
+    "peek_checkpoint",
 ]
 
 RECORD_KEY = "reprozoo_module"  # the class path of the module that wrote a checkpoint
@@ -156,14 +157,21 @@ def _mismatch(cls: type, writer: str, source: str) -> CheckpointError:
     )
 
 
+def peek_checkpoint(path: str | os.PathLike) -> dict | None:
+    """A checkpoint file's dict, read with ``weights_only=True`` (no code runs) and memory-mapped (its tensors stay
+    on disk): for its epoch, step and hyperparameters. None when it does not load that way."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - e.g. objects outside the weights_only allowlist, a legacy pickle
+        return None
+    return checkpoint if isinstance(checkpoint, dict) else None
+
+
 def _read_writer(path) -> str | None:
     """The writer's class path of a checkpoint file (our record, else LightningCLI's ``_class_path``), where the
-    file loads with ``weights_only=True`` (no code runs); None when it does not or names no writer."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # tensors stay on disk
-    except Exception:  # noqa: BLE001 - e.g. objects outside the weights_only allowlist
-        return None
-    return _writer(checkpoint) if isinstance(checkpoint, dict) else None
+    file loads with ``weights_only=True``; None when it does not or names no writer."""
+    checkpoint = peek_checkpoint(path)
+    return _writer(checkpoint) if checkpoint is not None else None
 
 
 def check_checkpoint_class(path: str | os.PathLike, expected: type | str) -> None:

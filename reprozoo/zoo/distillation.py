@@ -33,7 +33,7 @@ from torchmetrics import MeanMetric
 from reprozoo.zoo._checks import check_checkpoint_file
 from reprozoo.zoo._xla import warn_if_xla
 from reprozoo.zoo.classifier import ClassifierModule
-from reprozoo.zoo.registry import WeightsError, _import, list_weights, load_model
+from reprozoo.zoo.registry import WeightsError, _import, is_card_path, list_weights, load_model
 
 __all__ = ["DistillationModule", "distillation_loss", "load_teacher"]
 
@@ -80,12 +80,12 @@ def distillation_loss(
 
 
 def load_teacher(spec: nn.Module | str | os.PathLike) -> nn.Module:
-    """A teacher from an ``nn.Module``, a zoo name, or a Lightning checkpoint written by ``python cli.py fit`` (its
+    """A teacher from an ``nn.Module``, a zoo name or the card of a ``zoo export``, or a Lightning checkpoint written by ``python cli.py fit`` (its
     hyperparameters name the class: ``_class_path``)."""
     if isinstance(spec, nn.Module):
         return spec
     text = str(spec)
-    if text in list_weights():
+    if text in list_weights() or is_card_path(text):
         return load_model(text)
     path = Path(text)
     if path.is_file():

@@ -19,8 +19,10 @@ summed over all processes. XLA-ready (static shapes, no host reads in a step; no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import numbers
 import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
@@ -248,24 +250,42 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
         """One sample of Y | x per row, on the original scale. (B, d)"""
         return self.sample(x, 1)[:, 0]
 
-    def sample(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
-        """``num_samples`` (default ``eval_samples``) draws of Y | x on the original scale. (B, m, d)"""
-        samples = self._sample_standardized(self.features(x), num_samples or self.hparams.eval_samples)
+    def sample(self, x: torch.Tensor, num_samples: int | None = None, *, seed: int | None = None) -> torch.Tensor:
+        """``num_samples`` (default ``eval_samples``) draws of Y | x on the original scale. (B, m, d)
+
+        ``seed``: draw the noise from a generator seeded with it, so that the same call gives the same samples; the
+        global random state is left as it was (the next unseeded draw is the one it would have been anyway). On
+        CPU and CUDA. ``None`` (default) draws from the global random state, as training does."""
+        num_samples = self.hparams.eval_samples if num_samples is None else num_samples
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+            raise ValueError(f"EngressionRegressor: num_samples must be an integer >= 1, got {num_samples!r}")
+        features = self.features(x)
+        with _seeded(seed, features.device):
+            samples = self._sample_standardized(features, int(num_samples))  # (B, m, d), standardised
         return samples * self.y_scale + self.y_loc
 
     @torch.no_grad()
-    def predict_mean(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
-        return self.sample(x, num_samples).mean(dim=1)  # (B, d)
+    def predict_mean(self, x: torch.Tensor, num_samples: int | None = None, *, seed: int | None = None) -> torch.Tensor:
+        """Mean of ``num_samples`` draws of Y | x (``seed``: see :meth:`sample`). (B, d)"""
+        return self.sample(x, num_samples, seed=seed).mean(dim=1)
 
     @torch.no_grad()
-    def predict_median(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
-        return self.sample(x, num_samples).median(dim=1).values  # (B, d)
+    def predict_median(
+        self, x: torch.Tensor, num_samples: int | None = None, *, seed: int | None = None
+    ) -> torch.Tensor:
+        """Median of ``num_samples`` draws of Y | x (``seed``: see :meth:`sample`). (B, d)"""
+        return self.sample(x, num_samples, seed=seed).median(dim=1).values
 
     @torch.no_grad()
-    def predict_quantiles(self, x: torch.Tensor, q: Sequence[float], num_samples: int | None = None) -> torch.Tensor:
-        samples = self.sample(x, num_samples)
-        levels = torch.as_tensor(list(q), dtype=samples.dtype, device=samples.device)
-        return samples.quantile(levels, dim=1).movedim(0, 1)  # (B, Q, d)
+    def predict_quantiles(
+        self, x: torch.Tensor, q: Sequence[float], num_samples: int | None = None, *, seed: int | None = None
+    ) -> torch.Tensor:
+        """Quantiles at levels ``q`` (each in (0, 1)) of ``num_samples`` draws of Y | x (``seed``: see
+        :meth:`sample`). (B, len(q), d)"""
+        levels = _quantile_levels(q)  # checked before any sampling
+        samples = self.sample(x, num_samples, seed=seed)  # (B, m, d)
+        levels = torch.as_tensor(levels, dtype=samples.dtype, device=samples.device)
+        return samples.quantile(levels, dim=1).movedim(0, 1)  # (Q, B, d) -> (B, Q, d)
 
     # --------------------------------------------------------------------------------------- standardisation
 
@@ -350,6 +370,51 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def _quantile_levels(q: Sequence[float]) -> list[float]:
+    """``q`` (a list, tuple, tensor or array of levels) as a list of floats, each finite and strictly inside (0, 1);
+    the first that is not raises a ValueError naming it (a TypeError for what is no number or no sequence)."""
+    where = "EngressionRegressor.predict_quantiles"
+    if isinstance(q, (str, bytes, numbers.Number)) or not hasattr(q, "__iter__"):
+        raise TypeError(f"{where}: q must be a sequence of levels in (0, 1), e.g. [0.5], got {q!r}")
+    levels = q.tolist() if hasattr(q, "tolist") else list(q)  # tensors and arrays as Python numbers
+    if not levels:
+        raise ValueError(f"{where}: q is empty; give levels in (0, 1), e.g. [0.1, 0.5, 0.9]")
+    for level in levels:
+        if isinstance(level, bool) or not isinstance(level, numbers.Real):
+            raise TypeError(f"{where}: quantile level {level!r} is not a number")
+        # `not 0 < level < 1` is also true for NaN (it compares false with everything) and for +-inf
+        if not 0 < level < 1:
+            raise ValueError(
+                f"{where}: quantile level {level!r} is not in (0, 1); levels are probabilities, e.g. 0.5 for the "
+                "median (0.9, not 90)"
+            )
+    return [float(level) for level in levels]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Draws inside come from the default generator of ``device`` seeded with ``seed``; its state before is restored
+    afterwards (``fork_rng``), so the global random stream goes on as if nothing had been drawn. None: no change."""
+    if seed is None:
+        yield
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"EngressionRegressor: seed must be an integer or None, got {seed!r}")
+    seed = int(seed)
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # Only this device's generator is seeded and restored (fork_rng over all devices would touch every GPU).
+        with torch.random.fork_rng(devices=[index]):
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    else:
+        raise ValueError(f"EngressionRegressor: seed= is supported on CPU and CUDA, this model is on {device.type}")
 
 
 def _check(ok: bool, field: str, value, requirement: str) -> None:

@@ -33,6 +33,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from reprozoo._files import save_figure
 from reprozoo.zoo._checks import CheckpointGuard, check_finite_loss
 from reprozoo.zoo._xla import warn_if_xla
 from reprozoo.zoo.registry import load_model, load_pretrained_into
@@ -468,7 +469,7 @@ class NCAModule(CheckpointGuard, L.LightningModule):
         ax.legend(*scatter.legend_elements(), fontsize=7, loc="best", title="class")
         ax.set_title(f"NCA embedding (validation, epoch {self.current_epoch})")
         folder.mkdir(parents=True, exist_ok=True)
-        fig.savefig(folder / f"embedding_epoch{self.current_epoch}.png", dpi=100)
+        save_figure(fig, folder / f"embedding_epoch{self.current_epoch}.png")
         for logger in self.trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_figure"):

@@ -59,6 +59,7 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from reprozoo._files import data_path, save_figure, write_atomic
 from reprozoo.zoo._checks import CheckpointGuard
 from reprozoo.zoo._xla import warn_if_xla
 
@@ -316,7 +317,8 @@ def load_classifier(
       example) from ``robustbench_dir`` (default ``$REPROZOO_CACHE/robustbench``), see
       :func:`reprozoo.zoo._robustbench.load_robustbench_model`;
     * a reprozoo zoo entry (``reprozoo zoo list``): its network;
-    * the path of a weights file: an akamaster CIFAR ResNet (``resnet20-12fca82f.th``,
+    * the path of a weights file (a relative one not in the working directory is looked up under the data root,
+      ``$REPROZOO_DATA``): an akamaster CIFAR ResNet (``resnet20-12fca82f.th``,
       :func:`~reprozoo.zoo.nets.load_legacy_cifar_resnet`, ImageNet input normalisation built in) or a
       RobustBench-layout WideResNet state dict (:func:`~reprozoo.zoo.wide_resnet.load_wide_resnet_checkpoint`,
       no RobustBench needed);
@@ -326,7 +328,7 @@ def load_classifier(
     if isinstance(spec, nn.Module):
         return spec
     from reprozoo.zoo.nets import create_net, list_nets, load_legacy_cifar_resnet
-    from reprozoo.zoo.registry import WeightsError, list_weights, load_model
+    from reprozoo.zoo.registry import WeightsError, is_card_path, list_weights, load_model
     from reprozoo.zoo.wide_resnet import load_wide_resnet_checkpoint
 
     text = str(spec)
@@ -335,10 +337,10 @@ def load_classifier(
 
         return load_robustbench_model(text.removeprefix("robustbench:"), robustbench_dataset, robustbench_threat_model,
                                       robustbench_dir)  # fmt: skip
-    if text in list_weights():
+    if text in list_weights() or is_card_path(text):  # a zoo name, or the card of a `zoo export`
         module = load_model(text)
         return getattr(module, "net", module)
-    path = Path(text)
+    path = data_path(text)  # a relative file name is looked up under the data root too (configs name data, not folders)
     if path.is_file():
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -356,6 +358,11 @@ def load_classifier(
         warnings.warn(f"load_classifier: {text!r} is a registered net name: it is randomly initialised, not trained",
                       stacklevel=2)  # fmt: skip
         return create_net(text)
+    if path.suffix in {".th", ".pt", ".pth"} or "/" in text:
+        raise FileNotFoundError(
+            f"TentModule: model weights file {path} does not exist; put the file there (a relative name is looked up "
+            "in the working directory, then under the data root, $REPROZOO_DATA), or give its absolute path"
+        )
     raise ValueError(
         f"TentModule: model must be an nn.Module, 'robustbench:<name>', a zoo entry, a weights file or a registered "
         f"net name, got {text!r}"
@@ -597,18 +604,18 @@ class TentModule(CheckpointGuard, L.LightningModule):
 
     @rank_zero_only
     def _write_summary(self, out_dir: Path, rows: list[dict], mean_error: float, mean_entropy: float) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # Atomic writes (temporary file + rename): a reader or a killed run never sees half a table or figure.
         markdown = self.summary_markdown(rows)
-        (out_dir / "summary.md").write_text(markdown)
+        write_atomic(out_dir / "summary.md", markdown.encode("utf-8"))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=["domain", "error", "entropy", "n"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         total = sum(r["n"] for r in rows)
         writer.writerow({"domain": "mean", "error": mean_error, "entropy": mean_entropy, "n": total})
-        (out_dir / "summary.csv").write_text(buffer.getvalue())
+        write_atomic(out_dir / "summary.csv", buffer.getvalue().encode("utf-8"))
         fig = self.figure(rows)
-        fig.savefig(out_dir / "error_per_domain.png", dpi=100)
+        save_figure(fig, out_dir / "error_per_domain.png")
         for logger in self.trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_figure"):  # TensorBoard's SummaryWriter

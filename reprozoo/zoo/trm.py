@@ -30,6 +30,8 @@ start-up on XLA.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +48,7 @@ from reprozoo.zoo._checks import CheckpointGuard, check_finite_loss
 from reprozoo.zoo._xla import warn_if_xla
 from reprozoo.zoo.registry import load_pretrained_into
 
-__all__ = ["TRMConfig", "TinyRecursiveNetwork", "TRMModule", "stablemax_cross_entropy"]
+__all__ = ["TRMConfig", "TRMModule", "TinyRecursiveNetwork", "UnsolvedPuzzlesError", "stablemax_cross_entropy"]
 
 
 @dataclass
@@ -405,6 +407,16 @@ class TRMModule(CheckpointGuard, L.LightningModule):
     # ------------------------------------------------------------------------------------------ training
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # With `--checkpoint.every_n_train_steps N` Lightning prints, at every save, 15 lines on keeping a copy of
+            # the weights from before optimizer.step() under manual optimisation. TRM steps several times per batch
+            # by design, and the state after the batch is exactly the one to resume from: nothing to act on.
+            warnings.filterwarnings(
+                "ignore",
+                message="Using ModelCheckpoint with manual optimization and every_n_train_steps",
+                category=UserWarning,
+                module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
+            )
         warn_if_xla(self, "deep supervision decides on the host after every supervision step whether any sample is "
                     "still active (a device-to-host read and a new graph per step), takes several optimizer steps "
                     "per batch by hand, and computes the stablemax loss in float64")  # fmt: skip
@@ -575,23 +587,102 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         return torch.where(inputs > 1, inputs, pred.clamp(2, self.cfg.vocab_size - 1))
 
     @torch.no_grad()
-    def solve(self, puzzles: Sequence[str], n_sup: int | None = None, k: int = 1, batch_size: int = 256) -> list[str]:
-        """Solve 81-character sudoku strings ('.' or '0' blank) with the EMA weights; returns 81-digit strings
-        (givens kept as given; a wrong answer is still a full grid, check it with ``is_valid_solution``)."""
-        from reprozoo.datamodules.sudoku import decode, encode
+    def solve(
+        self,
+        puzzles: Sequence[str],
+        n_sup: int | None = None,
+        k: int = 1,
+        batch_size: int = 256,
+        *,
+        strict: bool = True,
+    ) -> list[str]:
+        """Solve sudoku puzzles with the EMA weights: one 81-digit answer string per puzzle, in order, givens kept.
 
+        Puzzles are 81-character strings in row-major order, ``.`` or ``0`` for a blank, ``1``-``9`` for a given.
+        All of them are checked before the model runs; the first bad one raises ``ValueError("puzzle 3: ...")``
+        naming its index and the problem: a wrong length, a character other than ``.``, ``0``, ``1``-``9``, givens
+        that contradict each other (a digit twice in a row, column or box), or no givens at all (a blank grid is
+        refused: any valid grid would answer it, so it is almost always a mistake, e.g. an empty or wrong column).
+        A list (or any iterable) of strings is expected: a single string, or an item that is no string, raises
+        ``TypeError`` (``solve([puzzle])``).
+
+        The model can be wrong. With ``strict=True`` (default), if an answer is not a valid sudoku consistent with
+        its givens, :class:`UnsolvedPuzzlesError` (a ``ValueError``) names the first such puzzle, why (e.g.
+        ``"puzzle 3: the model's answer is not a valid sudoku (row 2 has two 5s)"``, or that the puzzle itself
+        has no solution) and how many failed; it carries every answer (``.answers``) and the problem of each
+        failed puzzle by index (``.problems``), so a large batch is not lost. ``strict=False`` returns the answers
+        as they are: a wrong one is still a full grid, which
+        :func:`~reprozoo.datamodules.sudoku.answer_problem` explains.
+
+        ``n_sup``: supervision steps (default ``n_sup_eval``); ``k``: best-of-k (see :meth:`predict_tokens`);
+        ``batch_size``: puzzles per forward pass.
+        """
+        from reprozoo.datamodules.sudoku import answer_problem, count_solutions, decode, encode
+
+        puzzles = self._check_puzzles(puzzles)
+        for field, value in {"k": k, "batch_size": batch_size, "n_sup": 1 if n_sup is None else n_sup}.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"TRMModule.solve: {field} must be an integer >= 1, got {value!r}")
         was_training = self.training
         self.eval()
-        out = []
+        answers: list[str] = []
         try:
             for start in range(0, len(puzzles), batch_size):
                 inputs = torch.stack([encode(p) for p in puzzles[start : start + batch_size]]).to(self.device)
                 pred, _ = self.predict_tokens(inputs, None, n_sup, k)
-                pred = self._complete(inputs, pred)
-                out += [decode(row) for row in pred.cpu()]
+                answers += [decode(row) for row in self._complete(inputs, pred).cpu()]
         finally:
             self.train(was_training)
-        return out
+        if not strict:
+            return answers
+        problems = {}
+        for i, (puzzle, answer) in enumerate(zip(puzzles, answers)):
+            problem = answer_problem(puzzle, answer)
+            if problem is not None:
+                # Tell a puzzle without any solution (no clash among the givens, but nothing fits them) from a
+                # model error; the search runs only for failed puzzles.
+                unsolvable = count_solutions(puzzle, limit=1) == 0
+                problems[i] = (
+                    "the puzzle has no solution (no valid grid fits its givens)"
+                    if unsolvable
+                    else f"the model's answer {problem}"
+                )
+        if problems:
+            first = next(iter(problems))
+            shown = ", ".join(map(str, list(problems)[:10])) + (", ..." if len(problems) > 10 else "")
+            raise UnsolvedPuzzlesError(
+                f"puzzle {first}: {problems[first]}; {len(problems)} of {len(puzzles)} puzzles not solved "
+                f"(index {shown}). The exception's .answers holds every answer and .problems the reasons; "
+                "solve(..., strict=False) returns the answers without raising",
+                answers=answers,
+                problems=problems,
+            )
+        return answers
+
+    @staticmethod
+    def _check_puzzles(puzzles: Sequence[str]) -> list[str]:
+        """``puzzles`` as a list (read once: a generator works too), each an 81-character sudoku question with at
+        least one given and no two equal givens in a row, column or box; else an error naming the first bad one."""
+        from reprozoo.datamodules.sudoku import grid_problem
+
+        if isinstance(puzzles, (str, bytes)):
+            raise TypeError("TRMModule.solve takes a list of puzzle strings, got a single string: use solve([puzzle])")
+        puzzles = list(puzzles)
+        for i, puzzle in enumerate(puzzles):
+            if not isinstance(puzzle, str):
+                raise TypeError(f"puzzle {i} is a {type(puzzle).__name__}, not an 81-character sudoku string")
+            problem = grid_problem(puzzle)
+            if problem is not None:
+                # Right length and characters: what is left is a digit repeated among the givens.
+                if len(puzzle) == 81 and set(puzzle) <= set(".0123456789"):
+                    raise ValueError(f"puzzle {i}: its givens contradict each other ({problem})")
+                raise ValueError(f"puzzle {i}: {problem}; a puzzle is 81 characters, '.' or '0' blank, 1-9 a given")
+            if not puzzle.strip(".0"):
+                raise ValueError(
+                    f"puzzle {i}: has no givens (all 81 cells blank): any valid grid would answer it, so it is refused "
+                    "as a likely mistake (an empty row, the wrong column?)"
+                )
+        return puzzles
 
     # ------------------------------------------------------------------------------------------ optimisation
 
@@ -606,6 +697,18 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         warmup = max(1, hp.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class UnsolvedPuzzlesError(ValueError):
+    """:meth:`TRMModule.solve` (``strict=True``) got answers that do not solve their puzzles.
+
+    ``answers``: every answer, as ``strict=False`` returns them; ``problems``: index of each failed puzzle -> what
+    is wrong with its answer (or that the puzzle has no solution)."""
+
+    def __init__(self, message: str, *, answers: list[str] | None = None, problems: dict[int, str] | None = None):
+        super().__init__(message)
+        self.answers = list(answers or [])
+        self.problems = dict(problems or {})
 
 
 class _PuzzleScores(nn.Module):
