@@ -51,6 +51,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename a finished temporary file or folder onto ``dest`` in one step, with the permissions a new file or
+    folder gets (``mkstemp``/``mkdtemp`` make them private: 0600 / 0700)."""
+    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~_umask())
+    os.replace(tmp, dest)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write through a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
@@ -59,6 +72,6 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
-        os.replace(tmp_name, path)
+        publish(tmp_name, path)
     finally:
         Path(tmp_name).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from reprozoo import _files
 from reprozoo.callbacks import predictions as predictions_module
 from reprozoo.callbacks.predictions import PredictionWriter
 from reprozoo.datamodules.sudoku import answer_problem, encode, generate_puzzles, grid_problem, is_valid_solution
@@ -327,6 +328,7 @@ def recorded_writes(monkeypatch):
 
     record(predictions_module)
     record(tent)
+    record(_files)  # figures: save_figure writes through it
     return calls
 
 

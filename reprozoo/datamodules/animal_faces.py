@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from reprozoo._files import data_path, data_root, offline, write_atomic
+from reprozoo._files import data_path, data_root, offline, publish, write_atomic
 from reprozoo.datamodules._base import _SplitsDataModule
 
 CLASSES = ("cat", "dog", "wild")
@@ -190,7 +190,7 @@ def download_afhq(data_dir: str | os.PathLike, url: str = AFHQ_URL) -> Path:
         if not (root / "train").is_dir():
             raise ValueError(f"the archive from {url} has no afhq/train/ (or train/) folder")
         write_atomic(data_dir / f"{ARCHIVE_NAME}.sha256", f"{digest.hexdigest()}  {ARCHIVE_NAME}  {url}\n".encode())
-        os.replace(root, dest)  # one rename: afhq/ appears complete or not at all
+        publish(root, dest)  # one rename: afhq/ appears complete or not at all
     finally:
         Path(tmp_zip).unlink(missing_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from reprozoo._files import data_path, data_root, offline, sha256_file, write_atomic
+from reprozoo._files import data_path, data_root, offline, publish, sha256_file, write_atomic
 from reprozoo.datamodules.corruptions import (
     BENCHMARK_CORRUPTIONS,
     CORRUPTIONS,
@@ -267,7 +267,7 @@ def download_cifar10c(
         if not files:
             raise ValueError(f"the archive from {url} has no {FOLDER}/*.npy (or *.npy) files")
         if not dest.exists():
-            os.replace(root, dest)  # one rename: CIFAR-10-C/ appears complete or not at all
+            publish(root, dest)  # one rename: CIFAR-10-C/ appears complete or not at all
         else:
             for f in files:
                 if not (dest / f.name).exists():

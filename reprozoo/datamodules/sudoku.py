@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from reprozoo._files import data_path, data_root, offline, sha256_file, write_atomic
+from reprozoo._files import data_path, data_root, offline, publish, sha256_file, write_atomic
 from reprozoo.datamodules._base import _SplitsDataModule
 
 PAD, BLANK = 0, 1
@@ -590,7 +590,7 @@ def download_from_hub(name: str, data_dir: str | os.PathLike, hub_url: str = HUB
         # the record first: a crash between the two renames leaves a record without a file, which the next
         # download overwrites, never a file without its record
         write_atomic(sha256_sidecar(dest), f"{digest.hexdigest()}  {name}\n".encode())
-        os.replace(tmp_name, dest)
+        publish(tmp_name, dest)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
     return dest

@@ -171,7 +171,7 @@ def _download(url: str, dest: Path, expected_sha256: str) -> None:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
         _verify(tmp, expected_sha256)
-        os.replace(tmp, dest)
+        _files.publish(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
