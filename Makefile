@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.reprozoo-installed
 
-.PHONY: install quickstart test test-slow test-all benchmark-engression
+.PHONY: install quickstart test test-slow test-all lint format benchmark-engression
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" tests
+
+# What CI checks (pyproject's [tool.ruff]); `make format` fixes what can be fixed.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 benchmark-engression: $(STAMP)
 	$(PY) benchmarks/engression_fig4.py

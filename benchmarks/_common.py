@@ -58,7 +58,11 @@ MNIST_TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 def quiet_lightning(offline: bool = True) -> None:
     """Silence Lightning's per-run banners and the warnings that small CPU runs always trigger; by default never
     download (the benchmarks read local data)."""
-    for pattern in (".*does not have many workers.*", ".*LightningCLI's args parameter.*", ".*smaller than the logging.*"):
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*LightningCLI's args parameter.*",
+        ".*smaller than the logging.*",
+    ):
         warnings.filterwarnings("ignore", pattern)
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -25,34 +25,72 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import MNIST_TEST_FILES, ROOT, missing_idx_files, quiet_lightning, stop_missing_data
+
 from reprozoo._files import data_path, data_root, write_atomic
 from reprozoo.cli import run_lightning
 
 CONFIGS = ROOT / "configs" / "distillation"
 # The seed notebook's test accuracies (full MNIST): what our runs are compared with.
-SEED = {"teacher": 0.9901, "small": 0.9833, "distilled T=4": 0.9891, "small, no 3s": 0.8882, "distilled T=4, no 3s": 0.9869}
+SEED = {
+    "teacher": 0.9901,
+    "small": 0.9833,
+    "distilled T=4": 0.9891,
+    "small, no 3s": 0.8882,
+    "distilled T=4, no 3s": 0.9869,
+}
 
 
 def _data_args(args: argparse.Namespace) -> list[str]:
-    return ["--data.init_args.data_dir", str(args.data_dir), "--data.init_args.train_source", "test",
-            "--data.init_args.num_train", str(args.train), "--data.init_args.val_size", str(args.val),
-            "--data.init_args.num_test", str(args.test), "--data.init_args.seed", "0"]  # fmt: skip
+    return [
+        "--data.init_args.data_dir",
+        str(args.data_dir),
+        "--data.init_args.train_source",
+        "test",
+        "--data.init_args.num_train",
+        str(args.train),
+        "--data.init_args.val_size",
+        str(args.val),
+        "--data.init_args.num_test",
+        str(args.test),
+        "--data.init_args.seed",
+        "0",
+    ]
 
 
 def run(name: str, config: str, args: argparse.Namespace, work: Path, *extra: str) -> dict:
-    argv = ["fit", "--config", str(CONFIGS / f"{config}.yaml"), *_data_args(args),
-            "--trainer.max_epochs", str(args.epochs), "--trainer.logger.init_args.save_dir", str(work / "logs"),
-            "--checkpoint.dirpath", str(work / name.replace(" ", "_").replace(",", "").replace("=", "")),
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]  # fmt: skip
+    argv = [
+        "fit",
+        "--config",
+        str(CONFIGS / f"{config}.yaml"),
+        *_data_args(args),
+        "--trainer.max_epochs",
+        str(args.epochs),
+        "--trainer.logger.init_args.save_dir",
+        str(work / "logs"),
+        "--checkpoint.dirpath",
+        str(work / name.replace(" ", "_").replace(",", "").replace("=", "")),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]
     start = time.perf_counter()
     cli = run_lightning(argv)
     seconds = time.perf_counter() - start
     best = cli.trainer.checkpoint_callback.best_model_path
     metrics = cli.trainer.test(ckpt_path=best, datamodule=cli.datamodule, verbose=False)[0]
-    return {"name": name, "acc": metrics["test/acc"], "acc3": metrics["test/acc_class/3"], "ckpt": best,
-            "seconds": seconds, "model": cli.model, "datamodule": cli.datamodule, "trainer": cli.trainer}  # fmt: skip
+    return {
+        "name": name,
+        "acc": metrics["test/acc"],
+        "acc3": metrics["test/acc_class/3"],
+        "ckpt": best,
+        "seconds": seconds,
+        "model": cli.model,
+        "datamodule": cli.datamodule,
+        "trainer": cli.trainer,
+    }
 
 
 def test_with_bias(result: dict, bias: float) -> dict:
@@ -60,8 +98,13 @@ def test_with_bias(result: dict, bias: float) -> dict:
     model = type(result["model"]).load_from_checkpoint(result["ckpt"], map_location="cpu")
     model.logit_bias[3] = bias
     metrics = result["trainer"].test(model, datamodule=result["datamodule"], verbose=False)[0]
-    return {**result, "name": f"{result['name']}, 3's bias +{bias:g}", "acc": metrics["test/acc"],
-            "acc3": metrics["test/acc_class/3"], "seconds": 0.0}  # fmt: skip
+    return {
+        **result,
+        "name": f"{result['name']}, 3's bias +{bias:g}",
+        "acc": metrics["test/acc"],
+        "acc3": metrics["test/acc_class/3"],
+        "seconds": 0.0,
+    }
 
 
 def export(results: dict[str, dict], out: Path, args: argparse.Namespace) -> list[str]:
@@ -70,24 +113,45 @@ def export(results: dict[str, dict], out: Path, args: argparse.Namespace) -> lis
 
     lines = []
     for key, name, recipe, description in [
-        ("teacher", "mlp1200_mnist.teacher", "configs/distillation/teacher_mnist8k.yaml",
-         "Distillation teacher: 784-1200-1200-10 ReLU MLP, dropout 0.2/0.5, max-norm 3.5, 2-pixel jitter"),
-        ("distilled T=4", "mlp800_mnist.distilled", "configs/distillation/distilled_mnist8k.yaml",
-         "784-800-800-10 ReLU MLP distilled from mlp1200_mnist.teacher (T=4, alpha=0.5)"),
-    ]:  # fmt: skip
+        (
+            "teacher",
+            "mlp1200_mnist.teacher",
+            "configs/distillation/teacher_mnist8k.yaml",
+            "Distillation teacher: 784-1200-1200-10 ReLU MLP, dropout 0.2/0.5, max-norm 3.5, 2-pixel jitter",
+        ),
+        (
+            "distilled T=4",
+            "mlp800_mnist.distilled",
+            "configs/distillation/distilled_mnist8k.yaml",
+            "784-800-800-10 ReLU MLP distilled from mlp1200_mnist.teacher (T=4, alpha=0.5)",
+        ),
+    ]:
         r = results[key]
-        data_note = (f" Trained on {args.train - args.val} of the MNIST test images (seeded stratified split; "
-                     f"{args.val} for validation), tested on {args.test} others.")  # fmt: skip
-        weights_file, card_file = export_checkpoint(r["ckpt"], name, out, recipe=recipe, dtype=torch.float16,
-                                                    description=description + "." + data_note)  # fmt: skip
+        data_note = (
+            f" Trained on {args.train - args.val} of the MNIST test images (seeded stratified split; "
+            f"{args.val} for validation), tested on {args.test} others."
+        )
+        weights_file, card_file = export_checkpoint(
+            r["ckpt"], name, out, recipe=recipe, dtype=torch.float16, description=description + "." + data_note
+        )
         # Measure the exported file itself (float16 weights), then write the card again with those numbers.
         payload = read_weights_file(weights_file)
         model = build_module(payload["module"], payload["hparams"])
         load_state(model, payload["state_dict"], str(weights_file))
         metrics = r["trainer"].test(model, datamodule=r["datamodule"], verbose=False)[0]
-        measured = {"test/acc": round(float(metrics["test/acc"]), 4), "test/acc_class/3": round(float(metrics["test/acc_class/3"]), 4)}
-        export_checkpoint(r["ckpt"], name, out, recipe=recipe, dtype=torch.float16, metrics=measured,
-                          description=description + "." + data_note)  # fmt: skip
+        measured = {
+            "test/acc": round(float(metrics["test/acc"]), 4),
+            "test/acc_class/3": round(float(metrics["test/acc_class/3"]), 4),
+        }
+        export_checkpoint(
+            r["ckpt"],
+            name,
+            out,
+            recipe=recipe,
+            dtype=torch.float16,
+            metrics=measured,
+            description=description + "." + data_note,
+        )
         lines.append(f"- `{name}`: {weights_file.stat().st_size / 1e6:.1f} MB, test acc {measured['test/acc']:.4f}")
     return lines
 
@@ -114,8 +178,9 @@ def main() -> None:
         teacher = ["--model.init_args.teacher", results["teacher"]["ckpt"]]
         results["small"] = run("small", "small", args, work)
         results["distilled T=4"] = run("distilled T=4", "distilled", args, work, *teacher)
-        results["distilled T=20"] = run("distilled T=20", "distilled", args, work, *teacher,
-                                        "--model.init_args.temperature", "20")  # fmt: skip
+        results["distilled T=20"] = run(
+            "distilled T=20", "distilled", args, work, *teacher, "--model.init_args.temperature", "20"
+        )
         no3 = ["--data.init_args.exclude_classes", "[3]"]
         results["small, no 3s"] = run("small no 3s", "small", args, work, *no3)
         results["distilled T=4, no 3s"] = run("distilled T=4 no 3s", "distilled", args, work, *teacher, *no3)
@@ -135,7 +200,9 @@ def main() -> None:
     ]
     for key, r in results.items():
         seed = f"{SEED[key]:.4f}" if key in SEED else "-"
-        lines.append(f"| {key} | {r['acc']:.4f} | {1 - r['acc']:.4f} | {1 - r['acc3']:.4f} | {seed} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {key} | {r['acc']:.4f} | {1 - r['acc']:.4f} | {1 - r['acc3']:.4f} | {seed} | {r['seconds']:.0f} |"
+        )
     if exported:
         lines += ["", "Zoo entries (float16 weights, metrics measured from the exported files):", *exported]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
 from reprozoo._files import save_figure, write_atomic
 
 FUNCTIONS = ["softplus", "square", "cubic", "log"]
@@ -90,7 +91,10 @@ def make_table(results: list[dict], args) -> str:
     ]
     for noise in args.noise:
         for fn in args.functions:
-            rows = {m: [r for r in results if r["function"] == fn and r["noise"] == noise and r["method"] == m] for m in METHODS}
+            rows = {
+                m: [r for r in results if r["function"] == fn and r["noise"] == noise and r["method"] == m]
+                for m in METHODS
+            }
             ratio = statistics.mean(r["mae_out"] for r in rows["engression"]) / max(
                 statistics.mean(r["mae_out"] for r in rows["L1"]), 1e-12
             )
@@ -110,11 +114,15 @@ def make_figure(results: list[dict], args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     seed = min(r["seed"] for r in results)
-    fig, axes = plt.subplots(len(args.noise), len(args.functions), figsize=(3.6 * len(args.functions), 3.3 * len(args.noise)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(args.noise), len(args.functions), figsize=(3.6 * len(args.functions), 3.3 * len(args.noise)), squeeze=False
+    )
     for i, noise in enumerate(args.noise):
         for j, fn in enumerate(args.functions):
             ax = axes[i][j]
-            pick = {r["method"]: r for r in results if r["function"] == fn and r["noise"] == noise and r["seed"] == seed}
+            pick = {
+                r["method"]: r for r in results if r["function"] == fn and r["noise"] == noise and r["seed"] == seed
+            }
             eng, l1 = pick["engression"], pick["L1"]
             ax.scatter(*eng["train"], s=2, c="0.75", label="training data")
             ax.plot(eng["grid"], eng["truth"], "k-", lw=2, label="true median")
@@ -122,7 +130,9 @@ def make_figure(results: list[dict], args, path: Path) -> None:
             ax.plot(eng["grid"], eng["true_q90"], "k:", lw=1)
             ax.plot(l1["grid"], l1["median"], "--", c="tab:blue", lw=1.8, label="L1 regression")
             ax.plot(eng["grid"], eng["median"], c="tab:red", lw=1.8, label="engression median")
-            ax.fill_between(eng["grid"], eng["q10"], eng["q90"], color="tab:red", alpha=0.18, label="engression 10-90 %")
+            ax.fill_between(
+                eng["grid"], eng["q10"], eng["q90"], color="tab:red", alpha=0.18, label="engression 10-90 %"
+            )
             ax.axvline(2.0, c="0.4", ls=":", lw=1)
             truth = eng["truth"]
             span = max(truth) - min(truth)
@@ -169,7 +179,9 @@ def main() -> None:
     make_figure(results, args, args.out / "engression_fig4.png")
     print()
     print(table)
-    print(f"\nwrote {args.out / 'engression_fig4.md'} and {args.out / 'engression_fig4.png'} in {time.perf_counter() - start:.0f} s")
+    print(
+        f"\nwrote {args.out / 'engression_fig4.md'} and {args.out / 'engression_fig4.png'} in {time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -116,9 +116,11 @@ def main() -> None:
         print(f"{label:<40} {median:>9.2f} {1000 * median / args.steps:>8.2f}   {runs}")
     per_step = 1000 * (mon - base) / args.steps
     print(f"overhead: {100 * (mon - base) / base:+.1f} %  ({per_step:+.2f} ms per step)")
-    print(f"of which the measurement itself (norms + one host copy): {measurement_ms(args):.2f} ms per call; "
-          f"{100 * measurement_ms(args) / (1000 * base / args.steps):.1f} % of a step; the rest is the history "
-          "bookkeeping and run-to-run noise (compare the rounds)")
+    print(
+        f"of which the measurement itself (norms + one host copy): {measurement_ms(args):.2f} ms per call; "
+        f"{100 * measurement_ms(args) / (1000 * base / args.steps):.1f} % of a step; the rest is the history "
+        "bookkeeping and run-to-run noise (compare the rounds)"
+    )
 
 
 if __name__ == "__main__":

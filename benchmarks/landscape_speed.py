@@ -31,9 +31,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from _common import shown, stop_missing_data
 from torch.utils.data import DataLoader, TensorDataset
 
-from _common import shown, stop_missing_data
 from reprozoo._files import data_path, data_root
 from reprozoo.callbacks import LossLandscape
 from reprozoo.callbacks.landscape import random_directions
@@ -113,12 +113,16 @@ def landscape_table(args: argparse.Namespace) -> None:
     loader = DataLoader(dataset, batch_size=args.batch)
     batches = list(loader)
     points = args.resolution**2
-    print(f"Loss landscape {args.resolution} x {args.resolution} = {points} points, span {args.span}, on {source}, "
-          f"{args.batches} batches of {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"Loss landscape {args.resolution} x {args.resolution} = {points} points, span {args.span}, on {source}, "
+        f"{args.batches} batches of {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'model':<18} {'params':>9} {'method':<28} {'seconds':>8} {'ms/point':>9} {'speed-up':>9}  max |diff|")
 
     def row(name: str, n_params: str, method: str, s: float, classic_s: float, diff: str = "") -> None:
-        print(f"{name:<18} {n_params:>9} {method:<28} {s:>8.2f} {1000 * s / points:>9.2f} {classic_s / s:>8.1f}x  {diff}")
+        print(
+            f"{name:<18} {n_params:>9} {method:<28} {s:>8.2f} {1000 * s / points:>9.2f} {classic_s / s:>8.1f}x  {diff}"
+        )
 
     for name, model in _models().items():
         n_params = f"{sum(p.numel() for p in model.parameters()):,}"
@@ -128,11 +132,24 @@ def landscape_table(args: argparse.Namespace) -> None:
         row(name, n_params, "classic loop (loader/point)", classic_s, classic_s)
         start = time.perf_counter()
         cached = loop_landscape(model, batches, args.resolution, args.span, args.seed)
-        row("", "", "loop, batches read once", time.perf_counter() - start, classic_s,
-            f"{float(np.abs(cached - reference).max()):.1e}")  # fmt: skip
+        row(
+            "",
+            "",
+            "loop, batches read once",
+            time.perf_counter() - start,
+            classic_s,
+            f"{float(np.abs(cached - reference).max()):.1e}",
+        )
         for mode, chunk in [("loop", args.chunks[0])] + [("vmap", c) for c in args.chunks] + [("auto", args.chunks[0])]:
-            cb = LossLandscape(resolution=args.resolution, span=args.span, seed=args.seed, num_batches=args.batches,
-                               chunk_size=chunk, mode=mode, progress=False)  # fmt: skip
+            cb = LossLandscape(
+                resolution=args.resolution,
+                span=args.span,
+                seed=args.seed,
+                num_batches=args.batches,
+                chunk_size=chunk,
+                mode=mode,
+                progress=False,
+            )
             start = time.perf_counter()
             result = cb.compute(_trainer(), model, dataloader=loader)
             s = time.perf_counter() - start
@@ -142,32 +159,39 @@ def landscape_table(args: argparse.Namespace) -> None:
             row("", "", label, s, classic_s, f"{float(np.abs(result['loss'] - reference).max()):.1e}")
             if mode == "auto" and cb.timings:
                 t = cb.timings
-                print(f"{'':<18} {'':>9}   (auto measured vmap {t['vmap_ms_per_point']:.2f} / loop "
-                      f"{t['loop_ms_per_point']:.2f} ms per point and batch)")
+                print(
+                    f"{'':<18} {'':>9}   (auto measured vmap {t['vmap_ms_per_point']:.2f} / loop "
+                    f"{t['loop_ms_per_point']:.2f} ms per point and batch)"
+                )
 
 
 def frobenius_table(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import frobenius_overhead  # the overhead benchmark of the monitor, run here with its defaults
 
-    fargs = argparse.Namespace(width=512, depth=4, batch=256, steps=args.frobenius_steps, rounds=args.frobenius_rounds,
-                               every=1, grad=False)
+    fargs = argparse.Namespace(
+        width=512, depth=4, batch=256, steps=args.frobenius_steps, rounds=args.frobenius_rounds, every=1, grad=False
+    )
     data = TensorDataset(torch.randn(fargs.batch * fargs.steps, fargs.width), torch.randn(fargs.batch * fargs.steps, 1))
     loader = DataLoader(data, batch_size=fargs.batch)
     frobenius_overhead.run(loader, argparse.Namespace(**{**vars(fargs), "steps": 20}), monitored=True)  # warm-up
     times: dict[bool, list[float]] = {False: [], True: []}
     for r in range(fargs.rounds):
-        for monitored in ((False, True) if r % 2 == 0 else (True, False)):
+        for monitored in (False, True) if r % 2 == 0 else (True, False):
             times[monitored].append(frobenius_overhead.run(loader, fargs, monitored))
-    print(f"\nFrobeniusNormMonitor(every_n_steps=1) on a 4 x 512 MLP, batch 256, {fargs.steps} steps, {fargs.rounds} "
-          "rounds alternating with and without it (fastest and median round):")
+    print(
+        f"\nFrobeniusNormMonitor(every_n_steps=1) on a 4 x 512 MLP, batch 256, {fargs.steps} steps, {fargs.rounds} "
+        "rounds alternating with and without it (fastest and median round):"
+    )
     base_min, mon_min = min(times[False]), min(times[True])
     base_med, mon_med = statistics.median(times[False]), statistics.median(times[True])
     print(f"  without: min {base_min:.2f} s, median {base_med:.2f} s ({1000 * base_min / fargs.steps:.2f} ms/step)")
     print(f"  with:    min {mon_min:.2f} s, median {mon_med:.2f} s ({1000 * mon_min / fargs.steps:.2f} ms/step)")
-    print(f"  overhead: {100 * (mon_min - base_min) / base_min:+.1f} % (fastest rounds), "
-          f"{100 * (mon_med - base_med) / base_med:+.1f} % (medians); measurement alone "
-          f"{frobenius_overhead.measurement_ms(fargs):.3f} ms per step")
+    print(
+        f"  overhead: {100 * (mon_min - base_min) / base_min:+.1f} % (fastest rounds), "
+        f"{100 * (mon_med - base_med) / base_med:+.1f} % (medians); measurement alone "
+        f"{frobenius_overhead.measurement_ms(fargs):.3f} ms per step"
+    )
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from _common import ROOT, quiet_lightning, shown, stop_missing_data
+
 from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.callbacks import FrobeniusNormMonitor
 from reprozoo.cli import run_lightning
@@ -51,9 +52,19 @@ def _scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
 
 
 def run_setting(config: str, args: argparse.Namespace, work: Path) -> dict:
-    argv = ["fit", "--config", str(ROOT / "configs" / "memorization" / f"{config}.yaml"),
-            "--trainer.logger.init_args.save_dir", str(work), "--checkpoint.dirpath", str(work / config / "ckpt"),
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
+    argv = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "memorization" / f"{config}.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        str(work),
+        "--checkpoint.dirpath",
+        str(work / config / "ckpt"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
     if args.max_epochs:
         argv += ["--trainer.max_epochs", str(args.max_epochs)]
     argv += ["--data.init_args.data_dir", str(args.data_dir)]
@@ -112,10 +123,21 @@ def figure(results: dict[str, dict]):
         names = [n for n in r["final"] if n != "total" and n.endswith("weight")]
         short = [n.replace("net.", "").replace(".linear", "").replace(".weight", "") for n in names]
         x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [r["initial"][n] for n in names], width=0.4, alpha=0.4, color=colors[label],
-               label=f"start (total {r['initial']['total']:.1f})")  # fmt: skip
-        ax.bar([i + 0.2 for i in x], [r["final"][n] for n in names], width=0.4, color=colors[label],
-               label=f"end (total {r['final']['total']:.1f})")  # fmt: skip
+        ax.bar(
+            [i - 0.2 for i in x],
+            [r["initial"][n] for n in names],
+            width=0.4,
+            alpha=0.4,
+            color=colors[label],
+            label=f"start (total {r['initial']['total']:.1f})",
+        )
+        ax.bar(
+            [i + 0.2 for i in x],
+            [r["final"][n] for n in names],
+            width=0.4,
+            color=colors[label],
+            label=f"end (total {r['final']['total']:.1f})",
+        )
         ax.set_xticks(list(x), short, rotation=30, fontsize=8)
         ax.set_title(f"weight norms, {label}", fontsize=10)
         ax.set_ylabel("Frobenius norm")
@@ -165,8 +187,10 @@ def main() -> None:
             f"| {label} | {r['changed']} / {r['n_train']} | {r['epochs']} | {memorised} | {r['best_val']:.3f} | "
             f"{r['initial']['total']:.2f} -> {r['final']['total']:.2f} | {r['seconds']:.0f} |"
         )
-    lines += ["", "Chance is 1/3. With this few validation images the val accuracies are coarse (steps of "
-              f"1/{first['n_val']})."]  # fmt: skip
+    lines += [
+        "",
+        f"Chance is 1/3. With this few validation images the val accuracies are coarse (steps of 1/{first['n_val']}).",
+    ]
     write_atomic(args.out / "memorization.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-
 from _common import MNIST_TEST_FILES, ROOT, missing_idx_files, quiet_lightning, stop_missing_data
+
 from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.datamodules import FashionMNISTDataModule
 from reprozoo.datamodules.rings import ConcentricRingsDataModule
@@ -31,14 +31,31 @@ from reprozoo.zoo.nca import NCAModule, knn_predict, nca_loss, pca_directions
 
 
 def _trainer(epochs: int) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
 
 
 def mnist(args: argparse.Namespace) -> list[str]:
-    dm = FashionMNISTDataModule(dataset="mnist", data_dir=str(args.data_dir), train_source="test",
-                                num_train=args.reference, val_size=0, num_test=args.queries, flatten=True,
-                                normalize=False, batch_size=512, seed=0)  # fmt: skip
+    dm = FashionMNISTDataModule(
+        dataset="mnist",
+        data_dir=str(args.data_dir),
+        train_source="test",
+        num_train=args.reference,
+        val_size=0,
+        num_test=args.queries,
+        flatten=True,
+        normalize=False,
+        batch_size=512,
+        seed=0,
+    )
     torch.manual_seed(0)
     model = NCAModule(in_dim=784, out_dim=32, init="pca", lr=args.lr, k=(5,), plot=False)
     start = time.perf_counter()
@@ -109,8 +126,11 @@ def rings(out: Path) -> tuple[list[str], object]:
 
     fig = Figure(figsize=(13, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
-    panels = [("the rings (first two coordinates)", x_test[:, :2]), ("PCA 2-D", spaces["PCA 2-D"][0]),
-              ("NCA 2-D", spaces["NCA 2-D"][0])]  # fmt: skip
+    panels = [
+        ("the rings (first two coordinates)", x_test[:, :2]),
+        ("PCA 2-D", spaces["PCA 2-D"][0]),
+        ("NCA 2-D", spaces["NCA 2-D"][0]),
+    ]
     for ax, (title, pts) in zip(fig.subplots(1, 3), panels):
         ax.scatter(pts[:, 0], pts[:, 1], c=y_test, cmap="tab10", s=4)
         key = {"PCA 2-D": "PCA 2-D", "NCA 2-D": "NCA 2-D"}.get(title)
@@ -137,9 +157,12 @@ def _naive_loss(emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def step_times(sizes: list[int]) -> list[str]:
-    lines = ["## Loss step (forward + backward), 784 -> 32 projection included", "",
-             "| batch | nca_loss (ms) | straightforward (ms) | speed-up | nca_loss finite | straightforward finite |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Loss step (forward + backward), 784 -> 32 projection included",
+        "",
+        "| batch | nca_loss (ms) | straightforward (ms) | speed-up | nca_loss finite | straightforward finite |",
+        "|---|---|---|---|---|---|",
+    ]
     g = torch.Generator().manual_seed(0)
     for b in sizes:
         x = torch.randn(b, 784, generator=g)
@@ -156,7 +179,9 @@ def step_times(sizes: list[int]) -> list[str]:
                 loss.backward()
                 best = min(best, time.perf_counter() - t)
             row.append((1000 * best, bool(torch.isfinite(loss)) and bool(torch.isfinite(A.grad).all())))
-        lines.append(f"| {b} | {row[0][0]:.1f} | {row[1][0]:.1f} | {row[1][0] / row[0][0]:.1f}x | {row[0][1]} | {row[1][1]} |")
+        lines.append(
+            f"| {b} | {row[0][0]:.1f} | {row[1][0]:.1f} | {row[1][0] / row[0][0]:.1f}x | {row[0][1]} | {row[1][1]} |"
+        )
     return lines
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
 from reprozoo._files import save_figure
 
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import MNIST_TEST_FILES, MNIST_TRAIN_FILES, ROOT, missing_idx_files, quiet_lightning, stop_missing_data
+
 from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.callbacks import FrobeniusNormMonitor, LossLandscape, load_landscape
 from reprozoo.cli import run_lightning
@@ -47,14 +47,38 @@ def _scalars(log_dir: str, tag: str) -> list[float]:
 
 
 def run(variant: str, args: argparse.Namespace, work: Path) -> dict:
-    argv = ["fit", "--config", str(ROOT / "configs" / "regularization" / f"{variant}.yaml"),
-            "--data.init_args.dataset", args.dataset, "--data.init_args.data_dir", str(args.data_dir),
-            "--trainer.max_epochs", str(args.epochs), "--trainer.logger.init_args.save_dir", str(work),
-            "--checkpoint.dirpath", str(work / variant / "ckpt"), "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0"]  # fmt: skip
+    argv = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "regularization" / f"{variant}.yaml"),
+        "--data.init_args.dataset",
+        args.dataset,
+        "--data.init_args.data_dir",
+        str(args.data_dir),
+        "--trainer.max_epochs",
+        str(args.epochs),
+        "--trainer.logger.init_args.save_dir",
+        str(work),
+        "--checkpoint.dirpath",
+        str(work / variant / "ckpt"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.num_sanity_val_steps",
+        "0",
+    ]
     if args.dataset == "mnist":
-        argv += ["--data.init_args.train_source", "test", "--data.init_args.num_train", str(args.train),
-                 "--data.init_args.val_size", str(args.val), "--data.init_args.num_test", str(args.test)]  # fmt: skip
+        argv += [
+            "--data.init_args.train_source",
+            "test",
+            "--data.init_args.num_train",
+            str(args.train),
+            "--data.init_args.val_size",
+            str(args.val),
+            "--data.init_args.num_test",
+            str(args.test),
+        ]
     start = time.perf_counter()
     cli = run_lightning(argv)
     seconds = time.perf_counter() - start
@@ -130,8 +154,12 @@ def main() -> None:
         results = {v: run(v, args, Path(tmp)) for v in VARIANTS}
     args.out.mkdir(parents=True, exist_ok=True)
     save_figure(figure(results, args.radius), args.out / "regularization.png", dpi=100)
-    data = (f"{args.train - args.val} training / {args.val} validation / {args.test} test images from the real MNIST "
-            "test set" if args.dataset == "mnist" else "Fashion-MNIST")  # fmt: skip
+    data = (
+        f"{args.train - args.val} training / {args.val} validation / {args.test} test images from the real MNIST "
+        "test set"
+        if args.dataset == "mnist"
+        else "Fashion-MNIST"
+    )
     lines = [
         "# Regularisation study: 784-392-196-10 MLP",
         "",
@@ -143,8 +171,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        lines.append(f"| {name} | {min(r['val_loss']):.4f} | {r['val_loss'][-1]:.4f} | {r['val_acc']:.4f} | "
-                     f"{r['test_acc']:.4f} | {r['norm']:.1f} | {r['sharpness']:.4f} | {r['seconds']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {min(r['val_loss']):.4f} | {r['val_loss'][-1]:.4f} | {r['val_acc']:.4f} | "
+            f"{r['test_acc']:.4f} | {r['norm']:.1f} | {r['sharpness']:.4f} | {r['seconds']:.0f} |"
+        )
     write_atomic(args.out / "regularization.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 

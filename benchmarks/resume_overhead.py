@@ -39,7 +39,9 @@ def main() -> None:
     data = TensorDataset(torch.randn(args.items, 784), torch.randint(0, 10, (args.items,)))
     plain = DataLoader(data, batch_size=args.batch_size, shuffle=True)
     sampler = SeededRandomSampler(data, seed=0)
-    resumable = ResumableDataLoader(data, batch_sampler=ResumableBatchSampler(sampler, args.batch_size, drop_last=False))
+    resumable = ResumableDataLoader(
+        data, batch_sampler=ResumableBatchSampler(sampler, args.batch_size, drop_last=False)
+    )
 
     times: dict[str, list[float]] = {"DataLoader(shuffle=True)": [], "ResumableDataLoader": []}
     for epoch in range(args.rounds):
@@ -53,8 +55,10 @@ def main() -> None:
         halves.append(_epoch_seconds(resumable))
     half = min(halves)
 
-    print(f"{args.items} items of 784 floats, batch {args.batch_size}, {len(plain)} batches an epoch, main process, "
-          f"fastest of {args.rounds} alternating rounds")  # fmt: skip
+    print(
+        f"{args.items} items of 784 floats, batch {args.batch_size}, {len(plain)} batches an epoch, main process, "
+        f"fastest of {args.rounds} alternating rounds"
+    )
     print()
     print("| loader | seconds per epoch (fastest) | median |")
     print("|---|---|---|")

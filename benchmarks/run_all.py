@@ -37,33 +37,68 @@ REQUIRE_DATA = os.environ.get("REPROZOO_REQUIRE_DATA", "").strip().lower() in {"
 
 # name -> (what it measures, arguments at a CPU-sized setting; "{out}" is the benchmark's output folder)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
-    "engression_fig4": ("Engression vs L1 regression outside the training support (paper's Figure 4)",
-                        ["--functions", "softplus", "cubic", "--seeds", "1", "--epochs", "50", "--out", "{out}"]),
+    "engression_fig4": (
+        "Engression vs L1 regression outside the training support (paper's Figure 4)",
+        ["--functions", "softplus", "cubic", "--seeds", "1", "--epochs", "50", "--out", "{out}"],
+    ),
     "trm_throughput": ("TRM training throughput and model FLOPs utilisation", ["--steps", "5"]),
     "frobenius_overhead": ("FrobeniusNormMonitor overhead per training step", ["--steps", "150", "--rounds", "3"]),
-    "landscape_speed": ("LossLandscape: batched / looped / classic grid evaluation",
-                        ["--resolution", "11", "--batches", "2", "--skip-frobenius"]),
-    "memorization": ("Memorization: BigAnimalNet on real, partly and fully random AFHQ labels",
-                     ["--max-epochs", "60", "--out", "{out}"]),
-    "distillation": ("Distillation on MNIST, with the mythical-3 experiment",
-                     ["--epochs", "8", "--train", "4000", "--val", "500", "--test", "1000", "--out", "{out}"]),
-    "regularization": ("Regularisation study: six MLP variants, loss curves and landscape sharpness",
-                       ["--epochs", "4", "--out", "{out}"]),
-    "nca_knn": ("NCA + kNN on MNIST, rings NCA vs PCA, loss step vs a straightforward implementation",
-                ["--epochs", "4", "--out", "{out}"]),
-    "tent_cifar10c": ("TENT vs norm vs source on CIFAR-10-C-style corruptions",
-                      ["--images", "1000", "--corruptions", "gaussian_noise", "defocus_blur", "contrast", "fog",
-                       "jpeg_compression", "--grid-corruptions", "gaussian_noise", "--grid-lrs", "0.001", "0.01",
-                       "--grid-batches", "50", "200", "--out", "{out}"]),
-    "resume_overhead": ("Exact resume: the resumable training loader vs DataLoader, RNG states in checkpoints",
-                        ["--items", "30000", "--rounds", "3"]),
-}  # fmt: skip
+    "landscape_speed": (
+        "LossLandscape: batched / looped / classic grid evaluation",
+        ["--resolution", "11", "--batches", "2", "--skip-frobenius"],
+    ),
+    "memorization": (
+        "Memorization: BigAnimalNet on real, partly and fully random AFHQ labels",
+        ["--max-epochs", "60", "--out", "{out}"],
+    ),
+    "distillation": (
+        "Distillation on MNIST, with the mythical-3 experiment",
+        ["--epochs", "8", "--train", "4000", "--val", "500", "--test", "1000", "--out", "{out}"],
+    ),
+    "regularization": (
+        "Regularisation study: six MLP variants, loss curves and landscape sharpness",
+        ["--epochs", "4", "--out", "{out}"],
+    ),
+    "nca_knn": (
+        "NCA + kNN on MNIST, rings NCA vs PCA, loss step vs a straightforward implementation",
+        ["--epochs", "4", "--out", "{out}"],
+    ),
+    "tent_cifar10c": (
+        "TENT vs norm vs source on CIFAR-10-C-style corruptions",
+        [
+            "--images",
+            "1000",
+            "--corruptions",
+            "gaussian_noise",
+            "defocus_blur",
+            "contrast",
+            "fog",
+            "jpeg_compression",
+            "--grid-corruptions",
+            "gaussian_noise",
+            "--grid-lrs",
+            "0.001",
+            "0.01",
+            "--grid-batches",
+            "50",
+            "200",
+            "--out",
+            "{out}",
+        ],
+    ),
+    "resume_overhead": (
+        "Exact resume: the resumable training loader vs DataLoader, RNG states in checkpoints",
+        ["--items", "30000", "--rounds", "3"],
+    ),
+}
 
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"{platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}; "
-            f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads); GPU: {gpu}")  # fmt: skip
+    return (
+        f"{platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}; "
+        f"{os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads); GPU: {gpu}"
+    )
 
 
 def run(name: str, args: list[str], out: Path) -> tuple[str, float, str]:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-
 from _common import ROOT, quiet_lightning, shown, stop_missing_data
+
 from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.datamodules.cifar10c import CIFAR10CDataModule
 from reprozoo.datamodules.corruptions import available_corruptions
@@ -38,8 +38,14 @@ MODES = ("source", "norm", "tent")
 def _run(weights: Path, mode: str, lr: float, dm: CIFAR10CDataModule, root: str) -> tuple[dict, float]:
     """One test pass of a fresh pretrained model in ``mode``: (all logged metrics, seconds)."""
     model = TentModule(load_legacy_cifar_resnet(weights), mode=mode, lr=lr, steps=1, reset="each_domain")
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
     start = time.perf_counter()
     results = trainer.test(model, datamodule=dm, verbose=False)
     return {k: v for r in results for k, v in r.items()}, time.perf_counter() - start
@@ -72,10 +78,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         dm = CIFAR10CDataModule(
-            data_dir=str(args.cache or Path(tmp)), source="generate", clean="npz",
-            clean_npz=str(clean_npz), corruptions=corruptions,
-            severities=(args.severity,), num_examples=args.images, subset="random", batch_size=args.batch, seed=0,
-        )  # fmt: skip
+            data_dir=str(args.cache or Path(tmp)),
+            source="generate",
+            clean="npz",
+            clean_npz=str(clean_npz),
+            corruptions=corruptions,
+            severities=(args.severity,),
+            num_examples=args.images,
+            subset="random",
+            batch_size=args.batch,
+            seed=0,
+        )
         start = time.perf_counter()
         dm.prepare_data()
         dm.setup("test")
@@ -92,10 +105,17 @@ def main() -> None:
         if not args.no_grid:
             for batch in args.grid_batches:
                 sub = CIFAR10CDataModule(
-                    data_dir=dm.hparams.data_dir, source="generate", clean="npz", clean_npz=dm.hparams.clean_npz,
-                    corruptions=args.grid_corruptions, severities=(args.severity,), num_examples=args.images,
-                    subset="random", batch_size=batch, seed=0,
-                )  # fmt: skip
+                    data_dir=dm.hparams.data_dir,
+                    source="generate",
+                    clean="npz",
+                    clean_npz=dm.hparams.clean_npz,
+                    corruptions=args.grid_corruptions,
+                    severities=(args.severity,),
+                    num_examples=args.images,
+                    subset="random",
+                    batch_size=batch,
+                    seed=0,
+                )
                 for lr in args.grid_lrs:
                     merged, _ = _run(weights, "tent", lr, sub, tmp)
                     grid[(lr, batch)] = float(np.mean([merged[f"test/error/{d}"] for d in sub.domains]))
@@ -112,8 +132,11 @@ def main() -> None:
         "",
         "| corruption | source | norm | tent |",
         "|---|---|---|---|",
-        *[f"| {d.rsplit('-', 1)[0]} | {100 * errors['source'][d]:.1f} | {100 * errors['norm'][d]:.1f} | "
-          f"{100 * errors['tent'][d]:.1f} |" for d in domains],  # fmt: skip
+        *[
+            f"| {d.rsplit('-', 1)[0]} | {100 * errors['source'][d]:.1f} | {100 * errors['norm'][d]:.1f} | "
+            f"{100 * errors['tent'][d]:.1f} |"
+            for d in domains
+        ],
         f"| **mean** | **{100 * mean['source']:.1f}** | **{100 * mean['norm']:.1f}** | **{100 * mean['tent']:.1f}** |",
         "",
         "Error in %. Throughput (images/s, whole test loop): "
@@ -131,8 +154,12 @@ def main() -> None:
     ax = fig.add_subplot()
     width = 0.27
     for i, mode in enumerate(MODES):
-        ax.bar([j + (i - 1) * width for j in range(len(domains))], [100 * errors[mode][d] for d in domains], width,
-               label=f"{mode} (mean {100 * mean[mode]:.1f} %)")  # fmt: skip
+        ax.bar(
+            [j + (i - 1) * width for j in range(len(domains))],
+            [100 * errors[mode][d] for d in domains],
+            width,
+            label=f"{mode} (mean {100 * mean[mode]:.1f} %)",
+        )
     ax.set_xticks(range(len(domains)), [d.rsplit("-", 1)[0] for d in domains], rotation=45, ha="right")
     ax.set_ylabel("error (%)")
     ax.set_title(f"ResNet-{args.depth}, CIFAR-10-C-style corruptions, severity {args.severity}")
@@ -168,12 +195,19 @@ def main() -> None:
         ax3.set_title(f"TENT mean error (%) over {', '.join(args.grid_corruptions)}")
         fig3.colorbar(image, ax=ax3)
         save_figure(fig3, args.out / "tent_sensitivity.png", dpi=100)
-        lines += ["", f"TENT sensitivity, mean error (%) over {', '.join(args.grid_corruptions)} (severity "
-                  f"{args.severity}, {args.images} images each); rows: batch size, columns: Adam learning rate:", "",
-                  "| batch \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-                  "|---|" + "---|" * len(lrs)]  # fmt: skip
+        lines += [
+            "",
+            f"TENT sensitivity, mean error (%) over {', '.join(args.grid_corruptions)} (severity "
+            f"{args.severity}, {args.images} images each); rows: batch size, columns: Adam learning rate:",
+            "",
+            "| batch \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+            "|---|" + "---|" * len(lrs),
+        ]
         lines += [f"| {b} | " + " | ".join(f"{100 * grid[(lr, b)]:.1f}" for lr in lrs) + " |" for b in batches]
-    lines += ["", "Figures: `tent_cifar10c.png`, `tent_error_vs_entropy.png`" + (", `tent_sensitivity.png`." if grid else ".")]
+    lines += [
+        "",
+        "Figures: `tent_cifar10c.png`, `tent_error_vs_entropy.png`" + (", `tent_sensitivity.png`." if grid else "."),
+    ]
     write_atomic(args.out / "tent_cifar10c.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 

@@ -65,13 +65,19 @@ def measure(setting: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(2, 11, (batch, 81), generator=gen)
     inputs = torch.where(torch.rand(batch, 81, generator=gen) < 0.5, labels, torch.ones_like(labels))
-    data = {"inputs": inputs.to(device), "labels": labels.to(device), "puzzle_identifiers": torch.zeros(batch, dtype=torch.long, device=device)}
+    data = {
+        "inputs": inputs.to(device),
+        "labels": labels.to(device),
+        "puzzle_identifiers": torch.zeros(batch, dtype=torch.long, device=device),
+    }
 
     def step():
         x = model.net.embed(data["inputs"], data["puzzle_identifiers"])
         y, z = model.net.initial_state(batch)
         _, logits, q = model.net(x, y, z, model.hparams.n, model.hparams.T)
-        loss = model.loss_fn(logits, data["labels"]).mean() + 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(q, torch.zeros_like(q))
+        loss = model.loss_fn(
+            logits, data["labels"]
+        ).mean() + 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(q, torch.zeros_like(q))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -138,7 +144,9 @@ def main() -> None:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
 
     print(f"\nTRM supervision steps on {args.device} (T-1 no-grad recursions + 1 with grad, backward, AdamW)\n")
-    print("| size | params | batch | compile | s/step | puzzles/s | GFLOP/step | GFLOP/s | fp32 GEMM GFLOP/s | MFU | peak MiB |")
+    print(
+        "| size | params | batch | compile | s/step | puzzles/s | GFLOP/step | GFLOP/s | fp32 GEMM GFLOP/s | MFU | peak MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(

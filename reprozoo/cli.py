@@ -524,8 +524,17 @@ def _is_user_error(err: BaseException) -> bool:
 
     These types are only raised about input; ValueError and OSError count while the config is turned into objects
     or the trainer sets up (data files, checkpoint restore), later only from our datamodules' data checks."""
-    if isinstance(err, (ArgumentError, ResumeError, _checks.CheckpointError, registry.WeightsError,
-                        FloatingPointError, MisconfigurationException)):  # fmt: skip
+    if isinstance(
+        err,
+        (
+            ArgumentError,
+            ResumeError,
+            _checks.CheckpointError,
+            registry.WeightsError,
+            FloatingPointError,
+            MisconfigurationException,
+        ),
+    ):
         return True
     phase = getattr(err, _PHASE, None)
     if isinstance(err, (ValueError, OSError)):
@@ -565,8 +574,19 @@ _NOISE = (
     "Expected a <class 'NoneType'>",
 )
 _GROUPS = {"trainer": L.Trainer, "checkpoint": ModelCheckpoint}
-_TOP_LEVEL = ["trainer", "model", "data", "checkpoint", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything",
-              "test_after_fit", "config", "print_config"]  # fmt: skip
+_TOP_LEVEL = [
+    "trainer",
+    "model",
+    "data",
+    "checkpoint",
+    "optimizer",
+    "lr_scheduler",
+    "ckpt_path",
+    "seed_everything",
+    "test_after_fit",
+    "config",
+    "print_config",
+]
 
 
 def _argument_message(message: str, subcommand: str | None) -> str:

@@ -117,8 +117,14 @@ METHODS = {
     "nca": lambda: (NCAModule(in_dim=3, out_dim=2, init="random", k=(1,), plot=False), _rings()),
     "trm": lambda: (TRMModule(**TRM_TINY), _trm_loader()),
 }
-CLASSES = {"engression": EngressionRegressor, "classifier": ClassifierModule, "distillation": DistillationModule,
-           "nca": NCAModule, "trm": TRMModule, "tent": TentModule}  # fmt: skip
+CLASSES = {
+    "engression": EngressionRegressor,
+    "classifier": ClassifierModule,
+    "distillation": DistillationModule,
+    "nca": NCAModule,
+    "trm": TRMModule,
+    "tent": TentModule,
+}
 
 
 def _fit(name: str, root: Path, **trainer_kwargs) -> tuple[L.LightningModule, L.Trainer]:
@@ -178,7 +184,9 @@ def test_config_file_with_a_mistyped_key_names_the_key(work, capsys):
 
 
 def test_missing_config_file_is_named(work, capsys):
-    assert "configs/engression/quikstart.yaml" in cli_exit(["fit", "--config", "configs/engression/quikstart.yaml"], capsys)
+    assert "configs/engression/quikstart.yaml" in cli_exit(
+        ["fit", "--config", "configs/engression/quikstart.yaml"], capsys
+    )
 
 
 def test_malformed_yaml_names_the_file_and_line(work, capsys):
@@ -239,7 +247,11 @@ OUT_OF_RANGE = [
     (SudokuExtremeDataModule, dict(num_givens=16), "SudokuExtremeDataModule: num_givens must"),
     (SudokuExtremeDataModule, dict(batch_size=0), "SudokuExtremeDataModule: batch_size must"),
     (SyntheticRegressionDataModule, dict(batch_size=0), "SyntheticRegressionDataModule: batch_size must"),
-    (SyntheticRegressionDataModule, dict(train_support=(2.0, 0.0)), "SyntheticRegressionDataModule: train_support must"),
+    (
+        SyntheticRegressionDataModule,
+        dict(train_support=(2.0, 0.0)),
+        "SyntheticRegressionDataModule: train_support must",
+    ),
     (SyntheticRegressionDataModule, dict(num_workers=-1), "SyntheticRegressionDataModule: num_workers must"),
     (ConcentricRingsDataModule, dict(batch_size=0), "ConcentricRingsDataModule: batch_size must"),
     (ConcentricRingsDataModule, dict(num_classes=1), "ConcentricRingsDataModule: num_classes must"),
@@ -250,9 +262,9 @@ OUT_OF_RANGE = [
 ]
 
 
-@pytest.mark.parametrize("cls, kwargs, message", OUT_OF_RANGE,
-                         ids=[f"{c.__name__}-{list(k)[-1]}"
-                              for c, k, _ in OUT_OF_RANGE])  # fmt: skip
+@pytest.mark.parametrize(
+    "cls, kwargs, message", OUT_OF_RANGE, ids=[f"{c.__name__}-{list(k)[-1]}" for c, k, _ in OUT_OF_RANGE]
+)
 def test_out_of_range_option_names_class_field_and_value(cls, kwargs, message):
     with pytest.raises(ValueError) as info:
         cls(**kwargs)
@@ -268,10 +280,17 @@ def test_out_of_range_option_names_class_field_and_value(cls, kwargs, message):
     [
         ("nca/rings", ["--model.init_args.k", "[0]"], "NCAModule: k must"),
         # (a net name for the model: the config's pretrained file is under the real data root, not in this test's)
-        ("tent/resnet20_generated", ["--model.init_args.model", "resnet20", "--data.init_args.severities", "[6]"],
-         "CIFAR10CDataModule: severities must"),  # fmt: skip
+        (
+            "tent/resnet20_generated",
+            ["--model.init_args.model", "resnet20", "--data.init_args.severities", "[6]"],
+            "CIFAR10CDataModule: severities must",
+        ),
         ("distillation/distilled", ["--model.init_args.temperature", "0"], "DistillationModule: temperature must"),
-        ("engression/quickstart", ["--data.init_args.batch_size", "0"], "SyntheticRegressionDataModule: batch_size must"),
+        (
+            "engression/quickstart",
+            ["--data.init_args.batch_size", "0"],
+            "SyntheticRegressionDataModule: batch_size must",
+        ),
     ],
 )
 def test_out_of_range_option_from_the_cli(config, extra, message, work):
@@ -287,28 +306,75 @@ def _missing_cases():
     s = real_data  # called inside the builders: only the cases that read real files need them
     return [
         # (builder(tmp), names that the message must hold, folders that must stay as they are)
-        ("sudoku-csv", lambda t: SudokuExtremeDataModule(source="csv", data_dir=str(t / "none")),
-         ["none/train.csv", "none/test.csv"], lambda t: [t]),
-        ("sudoku-train_file", lambda t: SudokuExtremeDataModule(
-            source="csv", train_file=str(s("sudoku") / "nope.csv"), test_file=str(s("sudoku", "seventeen_clue.csv"))),
-         ["sudoku/nope.csv"], lambda t: [s("sudoku")]),
-        ("sudoku-hub-offline", lambda t: SudokuExtremeDataModule(source="hub", data_dir=str(t / "none")),
-         ["none/train.csv", "offline"], lambda t: [t]),
-        ("fashion_mnist-images", lambda t: FashionMNISTDataModule(data_dir=str(s("fashion_mnist"))),
-         ["train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "offline"], lambda t: [s("fashion_mnist")]),
-        ("mnist-train-images", lambda t: FashionMNISTDataModule(dataset="mnist", data_dir=str(s("mnist"))),
-         ["train-images-idx3-ubyte.gz"], lambda t: [s("mnist")]),
-        ("cifar10c-official", lambda t: CIFAR10CDataModule(data_dir=str(t / "none"), corruptions=["fog"]),
-         ["none/CIFAR-10-C/labels.npy", "none/CIFAR-10-C/fog.npy"], lambda t: [t]),
-        ("cifar10c-clean_npz", lambda t: CIFAR10CDataModule(
-            source="generate", clean="npz", clean_npz=str(t / "nope.npz"), data_dir=str(t / "gen"), corruptions=["fog"]),
-         ["nope.npz"], lambda t: [t]),
-        ("afhq", lambda t: AnimalFacesDataModule(data_dir=str(t / "none")), ["none/afhq/train", "offline"], lambda t: [t]),
-    ]  # fmt: skip
+        (
+            "sudoku-csv",
+            lambda t: SudokuExtremeDataModule(source="csv", data_dir=str(t / "none")),
+            ["none/train.csv", "none/test.csv"],
+            lambda t: [t],
+        ),
+        (
+            "sudoku-train_file",
+            lambda t: SudokuExtremeDataModule(
+                source="csv", train_file=str(s("sudoku") / "nope.csv"), test_file=str(s("sudoku", "seventeen_clue.csv"))
+            ),
+            ["sudoku/nope.csv"],
+            lambda t: [s("sudoku")],
+        ),
+        (
+            "sudoku-hub-offline",
+            lambda t: SudokuExtremeDataModule(source="hub", data_dir=str(t / "none")),
+            ["none/train.csv", "offline"],
+            lambda t: [t],
+        ),
+        (
+            "fashion_mnist-images",
+            lambda t: FashionMNISTDataModule(data_dir=str(s("fashion_mnist"))),
+            ["train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "offline"],
+            lambda t: [s("fashion_mnist")],
+        ),
+        (
+            "mnist-train-images",
+            lambda t: FashionMNISTDataModule(dataset="mnist", data_dir=str(s("mnist"))),
+            ["train-images-idx3-ubyte.gz"],
+            lambda t: [s("mnist")],
+        ),
+        (
+            "cifar10c-official",
+            lambda t: CIFAR10CDataModule(data_dir=str(t / "none"), corruptions=["fog"]),
+            ["none/CIFAR-10-C/labels.npy", "none/CIFAR-10-C/fog.npy"],
+            lambda t: [t],
+        ),
+        (
+            "cifar10c-clean_npz",
+            lambda t: CIFAR10CDataModule(
+                source="generate",
+                clean="npz",
+                clean_npz=str(t / "nope.npz"),
+                data_dir=str(t / "gen"),
+                corruptions=["fog"],
+            ),
+            ["nope.npz"],
+            lambda t: [t],
+        ),
+        (
+            "afhq",
+            lambda t: AnimalFacesDataModule(data_dir=str(t / "none")),
+            ["none/afhq/train", "offline"],
+            lambda t: [t],
+        ),
+    ]
 
 
-MISSING = ["sudoku-csv", "sudoku-train_file", "sudoku-hub-offline", "fashion_mnist-images", "mnist-train-images",
-           "cifar10c-official", "cifar10c-clean_npz", "afhq"]  # fmt: skip
+MISSING = [
+    "sudoku-csv",
+    "sudoku-train_file",
+    "sudoku-hub-offline",
+    "fashion_mnist-images",
+    "mnist-train-images",
+    "cifar10c-official",
+    "cifar10c-clean_npz",
+    "afhq",
+]
 
 
 @pytest.mark.parametrize("case", MISSING)
@@ -327,8 +393,19 @@ def test_missing_data_file_from_the_cli(work):
     empty = work / "empty"
     empty.mkdir()
     with unchanged(empty), pytest.raises(FileNotFoundError, match=f"{empty}/train.csv"):
-        run_lightning(["fit", "--config", "configs/trm/sudoku_generated_cpu.yaml", "--trainer.logger", "false",
-                       "--data.init_args.source", "csv", "--data.init_args.data_dir", str(empty)])  # fmt: skip
+        run_lightning(
+            [
+                "fit",
+                "--config",
+                "configs/trm/sudoku_generated_cpu.yaml",
+                "--trainer.logger",
+                "false",
+                "--data.init_args.source",
+                "csv",
+                "--data.init_args.data_dir",
+                str(empty),
+            ]
+        )
     assert not list(work.glob("lightning_logs"))
 
 
@@ -373,15 +450,24 @@ def test_malformed_sudoku_csv_names_file_and_line(line_no, change, message, tmp_
     lines[line_no - 1] = change(lines[line_no - 1])
     bad = tmp_path / "bad.csv"
     bad.write_text("\n".join(lines) + "\n")
-    dm = SudokuExtremeDataModule(source="csv", train_file=str(bad), test_file=str(good), num_train_puzzles=None, num_val=0)
+    dm = SudokuExtremeDataModule(
+        source="csv", train_file=str(bad), test_file=str(good), num_train_puzzles=None, num_val=0
+    )
     with unchanged(tmp_path), pytest.raises(ValueError) as info:
         dm.setup("fit")
     assert f"{bad}, {message}" in str(info.value), str(info.value)
 
 
 def test_stale_generated_sudoku_cache_is_named_and_kept(tmp_path):
-    dm = SudokuExtremeDataModule(source="generate", data_dir=str(tmp_path), num_givens=45, n_train_generated=5,
-                                 n_test_generated=5, num_train_puzzles=None, num_val=0)  # fmt: skip
+    dm = SudokuExtremeDataModule(
+        source="generate",
+        data_dir=str(tmp_path),
+        num_givens=45,
+        n_train_generated=5,
+        n_test_generated=5,
+        num_train_puzzles=None,
+        num_val=0,
+    )
     for split in ("train", "test"):  # real puzzles, but with 20-37 givens instead of the 45 the file name promises
         dm.generated_path(split).write_text("\n".join(_sudoku_lines()) + "\n")
     with unchanged(tmp_path), pytest.raises(ValueError, match="expected num_givens=45; delete the file") as info:
@@ -408,11 +494,15 @@ IDX_DAMAGE = [
     # (file, how its bytes are changed, what the message says)
     ("t10k-labels-idx1-ubyte.gz", lambda raw: raw[: len(raw) // 2], "cannot read the idx file"),
     ("t10k-labels-idx1-ubyte.gz", lambda raw: _gz(gzip.decompress(raw)[:5000]), "is truncated"),
-    ("t10k-labels-idx1-ubyte.gz", lambda raw: _gz(b"\x00\x00\x08\x03" + gzip.decompress(raw)[4:]), "is not an idx labels file"),
+    (
+        "t10k-labels-idx1-ubyte.gz",
+        lambda raw: _gz(b"\x00\x00\x08\x03" + gzip.decompress(raw)[4:]),
+        "is not an idx labels file",
+    ),
     ("t10k-labels-idx1-ubyte.gz", lambda raw: _gz(gzip.decompress(raw)[:-1] + b"\x0a"), "has the label 10"),
     ("t10k-images-idx3-ubyte.gz", lambda raw: raw[:-100], "cannot read the idx file"),
     ("t10k-images-idx3-ubyte.gz", lambda raw: b"not gzip at all", "cannot read the idx file"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("file, damage, message", IDX_DAMAGE, ids=[f"{f[:11]}-{m}" for f, _, m in IDX_DAMAGE])
@@ -440,12 +530,16 @@ CIFAR_DAMAGE = [
     # (file, its content, what the message says)
     ("fog.npy", lambda: _npy_bytes(np.zeros((5 * N, 32, 32), np.uint8)), "must hold uint8 images (N, 32, 32, 3)"),
     ("fog.npy", lambda: _npy_bytes(np.zeros((5 * N, 32, 32, 3), np.float32)), "must hold uint8 images (N, 32, 32, 3)"),
-    ("fog.npy", lambda: _npy_bytes(np.zeros((5 * N - 1, 32, 32, 3), np.uint8)), f"has {5 * N - 1} images; expected {5 * N}"),
+    (
+        "fog.npy",
+        lambda: _npy_bytes(np.zeros((5 * N - 1, 32, 32, 3), np.uint8)),
+        f"has {5 * N - 1} images; expected {5 * N}",
+    ),
     ("fog.npy", lambda: _npy_bytes(np.zeros((5 * N, 32, 32, 3), np.uint8))[:-500], "cannot read the image file"),
     ("labels.npy", lambda: _npy_bytes(np.zeros((5 * N, 2), np.uint8)), "must hold a 1-D integer array"),
     ("labels.npy", lambda: _npy_bytes(np.full(5 * N, 10, np.uint8)), "has labels outside 0..9"),
     ("labels.npy", lambda: b"garbage", "cannot read the labels file"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("file, content, message", CIFAR_DAMAGE, ids=[f"{f}-{m[:24]}" for f, _, m in CIFAR_DAMAGE])
@@ -464,8 +558,13 @@ def test_malformed_cifar10c_file_is_named(file, content, message, tmp_path):
 
 def test_malformed_clean_npz_names_file_and_array(tmp_path):
     np.savez(tmp_path / "clean.npz", x=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4, np.int64))
-    dm = CIFAR10CDataModule(source="generate", clean="npz", clean_npz=str(tmp_path / "clean.npz"),
-                            data_dir=str(tmp_path / "gen"), corruptions=["fog"])  # fmt: skip
+    dm = CIFAR10CDataModule(
+        source="generate",
+        clean="npz",
+        clean_npz=str(tmp_path / "clean.npz"),
+        data_dir=str(tmp_path / "gen"),
+        corruptions=["fog"],
+    )
     with unchanged(tmp_path), pytest.raises(ValueError, match="has no array 'y'") as info:
         dm.prepare_data()
         dm.setup("test")
@@ -489,8 +588,16 @@ def _afhq(root: Path, extra: dict[str, bytes]) -> Path:
 @pytest.mark.parametrize(
     "extra, error, message",
     [
-        ({"cat/broken.jpg": b"this is text, not a JPEG"}, ValueError, "cannot read the image {root}/afhq/train/cat/broken.jpg"),
-        ({"dog/half.png": b"\x89PNG\r\n\x1a\n\x00\x00"}, ValueError, "cannot read the image {root}/afhq/train/dog/half.png"),
+        (
+            {"cat/broken.jpg": b"this is text, not a JPEG"},
+            ValueError,
+            "cannot read the image {root}/afhq/train/cat/broken.jpg",
+        ),
+        (
+            {"dog/half.png": b"\x89PNG\r\n\x1a\n\x00\x00"},
+            ValueError,
+            "cannot read the image {root}/afhq/train/dog/half.png",
+        ),
         ({"cats/a.png": b""}, ValueError, "{root}/afhq/train has the folder(s) cats, which are not AFHQ classes"),
     ],
     ids=["text-as-jpg", "truncated-png", "unknown-class-folder"],
@@ -553,16 +660,34 @@ def test_damaged_checkpoint_is_named_by_the_cli(damage, subcommand, ckpts, work)
     make, message = DAMAGE[damage]
     bad = make(ckpts["engression"], work / "bad.ckpt")
     with unchanged(work / "bad.ckpt"), pytest.raises(CheckpointError, match=message) as info:
-        run_lightning([subcommand, "--config", "configs/engression/quickstart.yaml", "--trainer.logger", "false",
-                       "--ckpt_path", str(bad)])  # fmt: skip
+        run_lightning(
+            [
+                subcommand,
+                "--config",
+                "configs/engression/quickstart.yaml",
+                "--trainer.logger",
+                "false",
+                "--ckpt_path",
+                str(bad),
+            ]
+        )
     assert str(bad) in str(info.value)
     assert not list(work.glob("lightning_logs")) and not list(work.glob("checkpoints"))
 
 
 def test_missing_checkpoint_is_named_by_the_cli(work):
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        run_lightning(["test", "--config", "configs/engression/quickstart.yaml", "--trainer.logger", "false",
-                       "--ckpt_path", str(work / "nope.ckpt")])  # fmt: skip
+        run_lightning(
+            [
+                "test",
+                "--config",
+                "configs/engression/quickstart.yaml",
+                "--trainer.logger",
+                "false",
+                "--ckpt_path",
+                str(work / "nope.ckpt"),
+            ]
+        )
 
 
 def test_damaged_checkpoint_as_teacher_or_zoo_export(ckpts, tmp_path, capsys):
@@ -619,8 +744,19 @@ def test_checkpoint_of_another_method_in_trainer_test(ckpts, tmp_path):
 
 def test_checkpoint_of_another_method_from_the_cli(ckpts, work):
     with unchanged(ckpts["engression"].parent), pytest.raises(CheckpointError) as info:
-        run_lightning(["test", "--config", "configs/nca/rings.yaml", "--trainer.logger", "false",
-                       "--trainer.default_root_dir", str(work / "run"), "--ckpt_path", str(ckpts["engression"])])  # fmt: skip
+        run_lightning(
+            [
+                "test",
+                "--config",
+                "configs/nca/rings.yaml",
+                "--trainer.logger",
+                "false",
+                "--trainer.default_root_dir",
+                str(work / "run"),
+                "--ckpt_path",
+                str(ckpts["engression"]),
+            ]
+        )
     assert "written by reprozoo.zoo.engression.EngressionRegressor, but NCAModule" in str(info.value)
 
 
@@ -651,8 +787,18 @@ def test_checkpoint_without_a_record_is_compared_by_its_weights(ckpts, tmp_path)
         (lambda: TRMModule(**TRM_TINY, weights=NOPE), WeightsError),
         (lambda: TentModule(model=NOPE), ValueError),
     ],
-    ids=["load_model", "engression", "engression-backbone", "nca", "nca-encoder", "classifier", "distillation-teacher",
-         "distillation", "trm", "tent"],  # fmt: skip
+    ids=[
+        "load_model",
+        "engression",
+        "engression-backbone",
+        "nca",
+        "nca-encoder",
+        "classifier",
+        "distillation-teacher",
+        "distillation",
+        "trm",
+        "tent",
+    ],
 )
 def test_unknown_zoo_name_is_named(build, error):
     with pytest.raises(error, match=NOPE):
@@ -720,7 +866,9 @@ def test_bad_zoo_card_names_file_and_key(tmp_path):
     card["sha265"] = card.pop("sha256")
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(card))
-    with pytest.raises(WeightsError, match=r"bad.json: bad card \(unknown keys \['sha265'\], missing keys \['sha256'\]\)"):
+    with pytest.raises(
+        WeightsError, match=r"bad.json: bad card \(unknown keys \['sha265'\], missing keys \['sha256'\]\)"
+    ):
         registry.register_weights(path)
     path.write_text("{not json")
     with pytest.raises(WeightsError, match=f"cannot read card {path}"):
@@ -769,8 +917,11 @@ class _PoisonAt(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.at:
-            self.snapshot = dict(ckpt=digest(self.ckpt_dir), step=trainer.global_step,
-                                 params={k: p.detach().clone() for k, p in pl_module.named_parameters()})  # fmt: skip
+            self.snapshot = dict(
+                ckpt=digest(self.ckpt_dir),
+                step=trainer.global_step,
+                params={k: p.detach().clone() for k, p in pl_module.named_parameters()},
+            )
             self.poison(pl_module, batch)
 
 
@@ -783,8 +934,9 @@ def test_non_finite_loss_stops_with_step_epoch_and_batch(case, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     spy = _PoisonAt(2, poison, ckpt_dir)
     every_step = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, save_last=True)
-    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
-                           callbacks=[every_step, spy])  # fmt: skip
+    trainer = tiny_trainer(
+        tmp_path, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[every_step, spy]
+    )
     with pytest.raises(FloatingPointError) as info:
         trainer.fit(model, data) if isinstance(data, DataLoader) else trainer.fit(model, datamodule=data)
     step, text = spy.snapshot["step"], str(info.value)
@@ -804,12 +956,38 @@ def test_diverging_cli_run_stops_and_keeps_its_checkpoints(work):
     non-finite loss; the checkpoints already written are the last good step's, and nothing is written after."""
     ckpt_dir = work / "ck"
     with pytest.raises(FloatingPointError, match=r"EngressionRegressor: .* at global step 1 \(epoch 0, batch 1\)"):
-        run_lightning(["fit", "--config", "configs/engression/quickstart.yaml", "--trainer.logger", "false",
-                       "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
-                       "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-                       "--data.init_args.n_train", "300", "--data.init_args.batch_size", "100",
-                       "--model.init_args.lr", "1e30", "--model.init_args.batch_norm", "false",
-                       "--checkpoint.dirpath", str(ckpt_dir), "--checkpoint.every_n_train_steps", "1",
-                       "--checkpoint.save_top_k", "-1"])  # fmt: skip
+        run_lightning(
+            [
+                "fit",
+                "--config",
+                "configs/engression/quickstart.yaml",
+                "--trainer.logger",
+                "false",
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--test_after_fit",
+                "false",
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.num_sanity_val_steps",
+                "0",
+                "--data.init_args.n_train",
+                "300",
+                "--data.init_args.batch_size",
+                "100",
+                "--model.init_args.lr",
+                "1e30",
+                "--model.init_args.batch_norm",
+                "false",
+                "--checkpoint.dirpath",
+                str(ckpt_dir),
+                "--checkpoint.every_n_train_steps",
+                "1",
+                "--checkpoint.save_top_k",
+                "-1",
+            ]
+        )
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] == 1

@@ -25,7 +25,11 @@ def test_run_all_lists_every_benchmark_script():
 
 @pytest.mark.slow
 def test_resume_overhead_benchmark_prints_its_tables():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "resume_overhead.py"), "--items", "2000",
-                           "--rounds", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "resume_overhead.py"), "--items", "2000", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ratio resumable / plain" in done.stdout and "+ RNGStateCheckpoint" in done.stdout

@@ -264,8 +264,10 @@ def test_download_checks_md5_extracts_and_moves_into_place(tmp_path, monkeypatch
     dm.prepare_data()
     assert sorted(p.name for p in data_dir.iterdir()) == ["CIFAR-10-C"]  # no archive, no temp files
     assert sorted(p.name for p in (data_dir / "CIFAR-10-C").iterdir()) == [
-        "gaussian_noise.npy", "labels.npy", "pixelate.npy",
-    ]  # fmt: skip
+        "gaussian_noise.npy",
+        "labels.npy",
+        "pixelate.npy",
+    ]
     dm.setup()
     x, y = dm.datasets["pixelate-4"][2]
     assert np.array_equal(as_uint8(x), data["pixelate"][3 * 3 + 2]) and y == 2
@@ -282,8 +284,12 @@ def test_download_refuses_wrong_md5_and_unsafe_archives(tmp_path, monkeypatch):
         CIFAR10CDataModule(data_dir=str(data_dir), url=archive.as_uri(), md5="0" * 32).prepare_data()
     assert str(data_dir / "CIFAR-10-C" / "labels.npy") in str(err.value)
     assert list(data_dir.iterdir()) == []  # the temporary archive is gone
-    for evil, link in (("../evil.npy", None), ("CIFAR-10-C/../../evil.npy", None), ("/abs/evil.npy", None),
-                       (None, "CIFAR-10-C/fog.npy")):  # fmt: skip
+    for evil, link in (
+        ("../evil.npy", None),
+        ("CIFAR-10-C/../../evil.npy", None),
+        ("/abs/evil.npy", None),
+        (None, "CIFAR-10-C/fog.npy"),
+    ):
         extra = {evil: b"x"} if evil else {}
         bad = build_tar(tmp_path / "bad.tar", {**members, **extra}, symlink=link)
         with pytest.raises(ValueError, match="refused the archive") as err:
@@ -334,8 +340,19 @@ def test_availability_and_unknown_names(tmp_path):
     assert C.available_corruptions(make_frost_dir(tmp_path / "frost")) == C.CORRUPTIONS
 
 
-RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur", "snow",
-          "frost", "fog", "elastic_transform", "spatter"}  # fmt: skip
+RANDOM = {
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "glass_blur",
+    "motion_blur",
+    "snow",
+    "frost",
+    "fog",
+    "elastic_transform",
+    "spatter",
+}
 
 
 @pytest.fixture(scope="module")
@@ -363,8 +380,21 @@ def mean_abs_diff(name: str, x: np.ndarray) -> list[float]:
     return [float(np.abs(C.corrupt(x, name, s).astype(float) - x).mean()) for s in range(1, 6)]
 
 
-MONOTONE = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "defocus_blur", "zoom_blur", "snow",
-            "fog", "brightness", "contrast", "pixelate", "jpeg_compression", "gaussian_blur")  # fmt: skip
+MONOTONE = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "defocus_blur",
+    "zoom_blur",
+    "snow",
+    "fog",
+    "brightness",
+    "contrast",
+    "pixelate",
+    "jpeg_compression",
+    "gaussian_blur",
+)
 
 
 def test_severity_grows_as_the_official_parameters_say_on_real_images():
@@ -420,8 +450,15 @@ def test_generate_from_the_real_shared_images_and_reuse_the_cache(tmp_path, monk
     names = ["gaussian_noise", "contrast", "motion_blur"]
 
     def module(**kwargs):
-        args = dict(data_dir=str(tmp_path), source="generate", clean_npz=str(real), corruptions=names,
-                    severities=[5], num_examples=200, include_clean=True)  # fmt: skip
+        args = dict(
+            data_dir=str(tmp_path),
+            source="generate",
+            clean_npz=str(real),
+            corruptions=names,
+            severities=[5],
+            num_examples=200,
+            include_clean=True,
+        )
         args.update(kwargs)
         return CIFAR10CDataModule(**args)
 
@@ -478,8 +515,15 @@ def test_generate_from_the_real_shared_images_and_reuse_the_cache(tmp_path, monk
 
 def test_generated_cache_that_is_unreadable_is_redone(tmp_path):
     real = real_data(*REAL)
-    kwargs = dict(data_dir=str(tmp_path), source="generate", clean_npz=str(real), corruptions=["brightness"],
-                  severities=[2], num_examples=20, shuffle=True)  # fmt: skip
+    kwargs = dict(
+        data_dir=str(tmp_path),
+        source="generate",
+        clean_npz=str(real),
+        corruptions=["brightness"],
+        severities=[2],
+        num_examples=20,
+        shuffle=True,
+    )
     dm = CIFAR10CDataModule(**kwargs)
     dm.setup()
     path = dm.files["brightness-2"]
@@ -528,8 +572,14 @@ def fake_torchvision_cifar10(root: Path, monkeypatch, n: int = 6) -> tuple[np.nd
 def test_generate_from_torchvision_cifar10(tmp_path, monkeypatch):
     no_network(monkeypatch)
     x, y = fake_torchvision_cifar10(tmp_path / "tv", monkeypatch)
-    dm = CIFAR10CDataModule(data_dir=str(tmp_path / "d"), source="generate", clean_root=str(tmp_path / "tv"),
-                            corruptions=["pixelate"], severities=[1, 5], include_clean=True)  # fmt: skip
+    dm = CIFAR10CDataModule(
+        data_dir=str(tmp_path / "d"),
+        source="generate",
+        clean_root=str(tmp_path / "tv"),
+        corruptions=["pixelate"],
+        severities=[1, 5],
+        include_clean=True,
+    )
     dm.setup()
     test_batch = tmp_path / "tv" / "cifar-10-batches-py" / "test_batch"
     assert dm.generated_dir.name == generation_key(hashlib.sha256(test_batch.read_bytes()).hexdigest(), 0)
@@ -543,16 +593,23 @@ def test_include_clean_with_official_files(tmp_path):
     clean_x = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     good = tmp_path / "clean.npz"
     np.savez(good, x=clean_x, y=data["labels"][:4].astype(np.int64))
-    dm = CIFAR10CDataModule(data_dir=str(tmp_path), corruptions=["fog"], severities=[2], include_clean=True,
-                            clean_npz=str(good), num_examples=3)  # fmt: skip
+    dm = CIFAR10CDataModule(
+        data_dir=str(tmp_path),
+        corruptions=["fog"],
+        severities=[2],
+        include_clean=True,
+        clean_npz=str(good),
+        num_examples=3,
+    )
     dm.setup()
     assert dm.domains == ["clean", "fog-2"] and [len(d) for d in dm.datasets.values()] == [3, 3]
     assert np.array_equal(as_uint8(dm.datasets["clean"][2][0]), clean_x[2])
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, x=clean_x, y=np.array([3, 1, 2, 0]))
     with pytest.raises(ValueError, match="does not match"):
-        CIFAR10CDataModule(data_dir=str(tmp_path), corruptions=["fog"], include_clean=True,
-                           clean_npz=str(wrong)).setup()  # fmt: skip
+        CIFAR10CDataModule(
+            data_dir=str(tmp_path), corruptions=["fog"], include_clean=True, clean_npz=str(wrong)
+        ).setup()
 
 
 def test_dataset_pickles_without_its_memory_map(tmp_path):
@@ -583,8 +640,9 @@ class PerDomain(L.LightningModule):
 
 def test_lightning_test_loop_maps_dataloader_idx_to_domains(tmp_path):
     make_official(tmp_path / "data", n=6, corruptions=("fog", "snow"))
-    dm = CIFAR10CDataModule(data_dir=str(tmp_path / "data"), corruptions=["snow", "fog"], severities=[1, 5],
-                            num_examples=5, batch_size=2)  # fmt: skip
+    dm = CIFAR10CDataModule(
+        data_dir=str(tmp_path / "data"), corruptions=["snow", "fog"], severities=[1, 5], num_examples=5, batch_size=2
+    )
     model = PerDomain(dm.domains)
     results = tiny_trainer(tmp_path).test(model, datamodule=dm, verbose=False)
     assert len(results) == 4 and all(0 <= r[f"acc/dataloader_idx_{i}"] <= 1 for i, r in enumerate(results))

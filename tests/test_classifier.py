@@ -225,15 +225,23 @@ def test_checkpoint_of_a_python_net_needs_the_net_again(tmp_path):
 
 def _afhq_args(data_dir) -> list[str]:
     return [
-        "--model", "reprozoo.zoo.classifier.ClassifierModule",
-        "--data", "reprozoo.datamodules.AnimalFacesDataModule",
-        "--data.data_dir", str(data_dir),
-        "--data.batch_size", "6",
-        "--trainer.max_epochs", "2",
-        "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-    ]  # fmt: skip
+        "--model",
+        "reprozoo.zoo.classifier.ClassifierModule",
+        "--data",
+        "reprozoo.datamodules.AnimalFacesDataModule",
+        "--data.data_dir",
+        str(data_dir),
+        "--data.batch_size",
+        "6",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
 
 
 @pytest.mark.slow
@@ -241,10 +249,27 @@ def test_cli_fit_then_load_from_checkpoint_without_arguments(tmp_path):
     """A net given by class_path on the command line is recorded in the checkpoint's hyperparameters."""
     make_afhq(tmp_path / "data", n_train=4, n_val=2)
     net = '{"class_path": "reprozoo.zoo.nets.MLP", "init_args": {"in_features": 192, "num_classes": 3, "hidden": [16], "max_norm": 3.0}}'
-    args = ["fit", *_afhq_args(tmp_path / "data"), "--data.image_size", "8", "--model.net", net,
-            "--model.l2", "0.001", "--model.optimizer", "sgd", "--model.lr", "0.05",
-            "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt")]  # fmt: skip
-    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    args = [
+        "fit",
+        *_afhq_args(tmp_path / "data"),
+        "--data.image_size",
+        "8",
+        "--model.net",
+        net,
+        "--model.l2",
+        "0.001",
+        "--model.optimizer",
+        "sgd",
+        "--model.lr",
+        "0.05",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--checkpoint.dirpath",
+        str(tmp_path / "ckpt"),
+    ]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -265,8 +290,18 @@ def test_cli_fit_then_load_from_checkpoint_without_arguments(tmp_path):
 def test_cli_accepts_a_registered_net_name(tmp_path, monkeypatch):
     make_afhq(tmp_path / "data", n_train=2, n_val=1)
     monkeypatch.chdir(tmp_path)
-    cli = run_lightning(["fit", *_afhq_args(tmp_path / "data"), "--model.net", "animalnet", "--trainer.max_epochs", "1",
-                         "--checkpoint.dirpath", str(tmp_path / "ckpt")])  # fmt: skip
+    cli = run_lightning(
+        [
+            "fit",
+            *_afhq_args(tmp_path / "data"),
+            "--model.net",
+            "animalnet",
+            "--trainer.max_epochs",
+            "1",
+            "--checkpoint.dirpath",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     assert cli.model.hparams.net == "animalnet" and isinstance(cli.model.net, MLP)
     loaded = ClassifierModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert torch.equal(loaded.net.head.weight, cli.model.net.head.weight)

@@ -11,14 +11,21 @@ from reprozoo.zoo import registry
 from tests.conftest import ROOT
 
 TINY = [
-    "--trainer.max_epochs", "2",
-    "--trainer.check_val_every_n_epoch", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--data.init_args.n_train", "300",
-    "--data.init_args.n_val", "100",
-    "--data.init_args.n_test", "100",
-    "--data.init_args.batch_size", "100",
-]  # fmt: skip
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.n_train",
+    "300",
+    "--data.init_args.n_val",
+    "100",
+    "--data.init_args.n_test",
+    "100",
+    "--data.init_args.batch_size",
+    "100",
+]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)
 
 
@@ -143,16 +150,23 @@ def test_head_mode_from_config_trains_exports_and_reloads(tmp_path, monkeypatch)
     cli = run_lightning(
         [
             "fit",
-            "--config", "configs/engression/quickstart.yaml",
+            "--config",
+            "configs/engression/quickstart.yaml",
             *TINY,
-            "--test_after_fit", "false",
-            "--model.init_args.in_dim", "8",
-            "--model.init_args.backbone", '{"class_path": "torch.nn.Linear", "init_args": {"in_features": 1, "out_features": 8}}',
-            "--trainer.logger", "false",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+            "--test_after_fit",
+            "false",
+            "--model.init_args.in_dim",
+            "8",
+            "--model.init_args.backbone",
+            '{"class_path": "torch.nn.Linear", "init_args": {"in_features": 1, "out_features": 8}}',
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--checkpoint.dirpath",
+            str(tmp_path / "ckpt"),
         ]
-    )  # fmt: skip
+    )
     assert cli.model.hparams.backbone["class_path"] == "torch.nn.Linear"
     weights_file, _ = registry.export_checkpoint(
         tmp_path / "ckpt" / "last.ckpt", "engression_head.tiny", tmp_path / "zoo"
@@ -169,17 +183,27 @@ def test_trm_quickstart_end_to_end_shrunk(tmp_path):
     its checkpoint exports to a zoo file that loads and solves."""
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     shrink = [
-        "--trainer.max_steps", "4",
-        "--trainer.val_check_interval", "2",
-        "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--data.init_args.n_train_generated", "64",
-        "--data.init_args.n_test_generated", "16",
-        "--data.init_args.num_train_puzzles", "48",
-        "--data.init_args.num_val", "16",
-        "--data.init_args.batch_size", "16",
-        "--data.init_args.data_dir", str(tmp_path / "sudoku"),
-    ]  # fmt: skip
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.n_train_generated",
+        "64",
+        "--data.init_args.n_test_generated",
+        "16",
+        "--data.init_args.num_train_puzzles",
+        "48",
+        "--data.init_args.num_val",
+        "16",
+        "--data.init_args.batch_size",
+        "16",
+        "--data.init_args.data_dir",
+        str(tmp_path / "sudoku"),
+    ]
     done = _cli("fit", "--config", "configs/quickstart.yaml", *shrink, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "test/exact_acc" in done.stdout and "val/exact_acc" in done.stdout

@@ -78,8 +78,15 @@ def test_loss_is_finite_where_naive_softmax_underflows():
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
 
-@pytest.mark.parametrize("kwargs, field", [({"temperature": 0.0}, "temperature"), ({"temperature": -1.0}, "temperature"),
-                                           ({"alpha": 1.5}, "alpha"), ({"alpha": -0.1}, "alpha")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"alpha": -0.1}, "alpha"),
+    ],
+)
 def test_bad_loss_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
         distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), **kwargs)
@@ -98,8 +105,9 @@ class Teacher(nn.Module):
     def __init__(self):
         super().__init__()
         self.num_classes = 10
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.5),
-                                  nn.Linear(64, 10))  # fmt: skip
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 10)
+        )
         self.calls = 0  # items seen
 
     def forward(self, x):
@@ -121,15 +129,31 @@ class Watch(L.Callback):
 
 def _mnist(**kwargs) -> FashionMNISTDataModule:
     """Real MNIST test images, read in place: 600 for training (minus val) and 200 for testing."""
-    defaults = dict(dataset="mnist", data_dir=str(real_data("mnist")), train_source="test", num_train=600,
-                    num_test=200, val_size=100, flatten=True, batch_size=100)  # fmt: skip
+    defaults = dict(
+        dataset="mnist",
+        data_dir=str(real_data("mnist")),
+        train_source="test",
+        num_train=600,
+        num_test=200,
+        val_size=100,
+        flatten=True,
+        batch_size=100,
+    )
     defaults.update(kwargs)
     return FashionMNISTDataModule(**defaults)
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path, deterministic=True)  # fmt: skip
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -184,16 +208,19 @@ def test_teacher_cache_computes_each_example_once_and_changes_nothing(tmp_path):
         teacher = Teacher().eval()
         model = DistillationModule(_student(), teacher, cache_teacher=cache, lr=0.05)
         dm = _mnist(return_index=True)
-        _trainer(tmp_path, max_epochs=3, num_sanity_val_steps=0, limit_val_batches=0,
-                 enable_checkpointing=False).fit(model, datamodule=dm)
+        _trainer(tmp_path, max_epochs=3, num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False).fit(
+            model, datamodule=dm
+        )
         results[cache] = (teacher.calls, [p.detach().clone() for p in model.net.parameters()])
         n = len(dm.splits["train"])
     assert results[False][0] == 3 * n and results[True][0] == n
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[False][1], results[True][1]))
 
 
-@pytest.mark.parametrize("data_kwargs, message", [({"jitter": 2, "return_index": True}, "deterministic_train_transform"),
-                                                  ({"return_index": False}, "return_index")])  # fmt: skip
+@pytest.mark.parametrize(
+    "data_kwargs, message",
+    [({"jitter": 2, "return_index": True}, "deterministic_train_transform"), ({"return_index": False}, "return_index")],
+)
 def test_teacher_cache_refused_when_invalid(tmp_path, data_kwargs, message):
     model = DistillationModule(_student(), Teacher(), cache_teacher=True)
     with pytest.raises(RuntimeError, match=message):
@@ -205,14 +232,39 @@ def test_teacher_from_a_cli_checkpoint_and_errors(tmp_path):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
-        run_lightning([
-            "fit", "--model", "reprozoo.zoo.classifier.ClassifierModule", "--model.net", "mlp_fmnist",
-            "--data", "reprozoo.datamodules.FashionMNISTDataModule", "--data.dataset", "mnist",
-            "--data.data_dir", str(real_data("mnist")), "--data.train_source", "test", "--data.num_train", "300",
-            "--data.num_test", "100", "--data.flatten", "true", "--trainer.max_epochs", "1",
-            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-        ])  # fmt: skip
+        run_lightning(
+            [
+                "fit",
+                "--model",
+                "reprozoo.zoo.classifier.ClassifierModule",
+                "--model.net",
+                "mlp_fmnist",
+                "--data",
+                "reprozoo.datamodules.FashionMNISTDataModule",
+                "--data.dataset",
+                "mnist",
+                "--data.data_dir",
+                str(real_data("mnist")),
+                "--data.train_source",
+                "test",
+                "--data.num_train",
+                "300",
+                "--data.num_test",
+                "100",
+                "--data.flatten",
+                "true",
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--checkpoint.dirpath",
+                str(tmp_path / "ckpt"),
+            ]
+        )
     teacher = load_teacher(tmp_path / "ckpt" / "last.ckpt")
     assert teacher.net.hidden[0].linear.out_features == 392
     model = DistillationModule(_student(), str(tmp_path / "ckpt" / "last.ckpt"))
@@ -227,8 +279,9 @@ def test_teacher_from_a_cli_checkpoint_and_errors(tmp_path):
 def test_ddp_two_processes_train(tmp_path):
     torch.manual_seed(0)
     model = DistillationModule(_student(), Teacher().eval(), lr=0.05)
-    trainer = _trainer(tmp_path, strategy="ddp_spawn", devices=2, max_epochs=1, deterministic=False,
-                       enable_checkpointing=True)  # fmt: skip
+    trainer = _trainer(
+        tmp_path, strategy="ddp_spawn", devices=2, max_epochs=1, deterministic=False, enable_checkpointing=True
+    )
     trainer.fit(model, datamodule=_mnist())
     ckpt = torch.load(trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=False)
     assert set(ckpt["state_dict"]) == set(model.state_dict())
@@ -239,8 +292,9 @@ def test_a_small_cnn_student_learns_from_an_mlp_teacher(tmp_path):
     from reprozoo.zoo.nets import ConvNet
 
     torch.manual_seed(0)
-    student = ConvNet(in_channels=1, num_classes=10, channels=(8, 16), layers_per_block=1, pool_every=1,
-                      hidden=(32,), image_size=28)  # fmt: skip
+    student = ConvNet(
+        in_channels=1, num_classes=10, channels=(8, 16), layers_per_block=1, pool_every=1, hidden=(32,), image_size=28
+    )
     model = DistillationModule(student, Teacher().eval(), temperature=4.0, alpha=0.5, lr=0.05)
     dm = _mnist(flatten=False)
     trainer = _trainer(tmp_path, max_epochs=1)

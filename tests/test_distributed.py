@@ -97,9 +97,20 @@ class Run:
 
     def one_process(self, subcommand: str, tmp_path: Path, *extra: str) -> dict[str, float]:
         """The same config and sizes run by the real CLI in this process, on one device, from last.ckpt."""
-        args = [subcommand, "--config", str(ROOT / self.config), *self.shrink, *ONE, *extra,
-                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+        args = [
+            subcommand,
+            "--config",
+            str(ROOT / self.config),
+            *self.shrink,
+            *ONE,
+            *extra,
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
         if self.ckpt.is_file():  # fit runs; a TENT run has none (its weights are the pretrained ones)
             args += ["--ckpt_path", str(self.ckpt)]
         cwd = os.getcwd()
@@ -117,12 +128,27 @@ def _ddp(factory, name: str, subcommand: str, config: str, shrink: list[str], *e
     env = {**os.environ, "REPROZOO_OFFLINE": "1", "REPROZOO_CACHE": str(factory.mktemp(f"{name}-cache"))}
     for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # left by in-process runs' seed_everything: not the CLI's
         env.pop(key, None)
-    args = [sys.executable, str(ROOT / "cli.py"), subcommand, "--config", config, *shrink, *DDP, *extra,
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "logs"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        subcommand,
+        "--config",
+        config,
+        *shrink,
+        *DDP,
+        *extra,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        "logs",
+    ]
     if subcommand == "fit":
-        args += ["--trainer.callbacks+=tests.test_distributed.RecordSampler",
-                 f"--trainer.callbacks.path={work / 'samplers'}"]
+        args += [
+            "--trainer.callbacks+=tests.test_distributed.RecordSampler",
+            f"--trainer.callbacks.path={work / 'samplers'}",
+        ]
     done = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
     return Run(work, config, shrink, done.stdout)
@@ -142,8 +168,9 @@ def _check_split(run: Run, n_train: int, batch_size: int, epochs: int) -> None:
     """The training sampler of each rank yields half of one process's indices, disjoint, shuffled, anew each epoch;
     the checkpoint counts ceil(n_train / 2 / batch) batches per epoch."""
     folder = run.work / "samplers"
-    records = {(r, e): json.loads((folder / f"rank{r}_epoch{e}.json").read_text())
-               for r in (0, 1) for e in range(epochs)}  # fmt: skip
+    records = {
+        (r, e): json.loads((folder / f"rank{r}_epoch{e}.json").read_text()) for r in (0, 1) for e in range(epochs)
+    }
     assert len(list((run.work / "samplers").iterdir())) == 2 * epochs
     dm = _datamodule(run)
     one = _sampler_of(dm.train_dataloader())
@@ -199,11 +226,26 @@ def _compare_with_one_process(run: Run, tmp_path, skip: tuple[str, ...] = ()) ->
 ENGRESSION = "configs/engression/quickstart.yaml"
 # noise_dim 0: the generator is deterministic, so one process and two draw the same samples (the metric code is
 # the same with noise); the energy loss, standardisation and all scores still run.
-ENGRESSION_SHRINK = ["--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
-                     "--data.init_args.n_train", "300", "--data.init_args.n_val", "100",
-                     "--data.init_args.n_test", "100",
-                     "--data.init_args.batch_size", "50", "--model.init_args.noise_dim", "0",
-                     "--model.init_args.hidden_dim", "16", "--model.init_args.eval_samples", "10"]  # fmt: skip
+ENGRESSION_SHRINK = [
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+    "--data.init_args.n_train",
+    "300",
+    "--data.init_args.n_val",
+    "100",
+    "--data.init_args.n_test",
+    "100",
+    "--data.init_args.batch_size",
+    "50",
+    "--model.init_args.noise_dim",
+    "0",
+    "--model.init_args.hidden_dim",
+    "16",
+    "--model.init_args.eval_samples",
+    "10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -228,11 +270,30 @@ TRM = "configs/quickstart.yaml"
 @pytest.fixture(scope="module")
 def trm_run(tmp_path_factory):
     data = tmp_path_factory.mktemp("sudoku")
-    shrink = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "2", "--trainer.val_check_interval", "1.0",
-              "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "1.0",
-              "--data.init_args.n_train_generated", "64", "--data.init_args.n_test_generated", "16",
-              "--data.init_args.num_train_puzzles", "48", "--data.init_args.num_val", "16",
-              "--data.init_args.batch_size", "8", "--data.init_args.data_dir", str(data)]  # fmt: skip
+    shrink = [
+        "--trainer.max_steps",
+        "-1",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.val_check_interval",
+        "1.0",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+        "--trainer.limit_val_batches",
+        "1.0",
+        "--data.init_args.n_train_generated",
+        "64",
+        "--data.init_args.n_test_generated",
+        "16",
+        "--data.init_args.num_train_puzzles",
+        "48",
+        "--data.init_args.num_val",
+        "16",
+        "--data.init_args.batch_size",
+        "8",
+        "--data.init_args.data_dir",
+        str(data),
+    ]
     return _ddp(tmp_path_factory, "trm", "fit", TRM, shrink)  # test_after_fit: in the config
 
 
@@ -249,10 +310,24 @@ def test_trm_ddp_manual_optimisation_and_ema(trm_run, tmp_path):
 
 
 def _mnist_shrink() -> list[str]:
-    return ["--trainer.max_epochs", "2", "--data.init_args.dataset", "mnist",
-            "--data.init_args.data_dir", str(real_data("mnist")), "--data.init_args.train_source", "test",
-            "--data.init_args.num_train", "440", "--data.init_args.val_size", "40", "--data.init_args.num_test", "100",
-            "--data.init_args.batch_size", "50"]  # fmt: skip
+    return [
+        "--trainer.max_epochs",
+        "2",
+        "--data.init_args.dataset",
+        "mnist",
+        "--data.init_args.data_dir",
+        str(real_data("mnist")),
+        "--data.init_args.train_source",
+        "test",
+        "--data.init_args.num_train",
+        "440",
+        "--data.init_args.val_size",
+        "40",
+        "--data.init_args.num_test",
+        "100",
+        "--data.init_args.batch_size",
+        "50",
+    ]
 
 
 CLASSIFIER = "configs/regularization/plain.yaml"  # FrobeniusNormMonitor and LossLandscape (4 train batches)
@@ -260,8 +335,12 @@ CLASSIFIER = "configs/regularization/plain.yaml"  # FrobeniusNormMonitor and Los
 
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory):
-    shrink = _mnist_shrink() + ["--model.init_args.net.init_args.hidden", "[32]",
-                                "--model.init_args.per_class_metrics", "true"]  # fmt: skip
+    shrink = _mnist_shrink() + [
+        "--model.init_args.net.init_args.hidden",
+        "[32]",
+        "--model.init_args.per_class_metrics",
+        "true",
+    ]
     return _ddp(tmp_path_factory, "classifier", "fit", CLASSIFIER, shrink, "--test_after_fit", "true")
 
 
@@ -284,8 +363,14 @@ def test_classifier_and_both_callbacks_ddp(classifier_run, tmp_path):
     # LossLandscape (grid points split over the ranks and gathered): the one-process surface of the final weights.
     ddp = load_landscape(run.version / "loss_landscape" / "epoch_1.npz")
     loader = _datamodule(run).train_dataloader()
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     single = LossLandscape(num_batches=4, dataloader="train", progress=False).compute(trainer, model, dataloader=loader)
     np.testing.assert_allclose(ddp["loss"], single["loss"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ddp["accuracy"], single["accuracy"], atol=1e-6)
@@ -320,9 +405,20 @@ NCA = "configs/nca/rings.yaml"
 
 @pytest.fixture(scope="module")
 def nca_run(tmp_path_factory):
-    shrink = ["--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
-              "--data.init_args.n_train_per_class", "20", "--data.init_args.n_val_per_class", "20",
-              "--data.init_args.n_test_per_class", "20", "--data.init_args.batch_size", "25"]  # fmt: skip
+    shrink = [
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+        "--data.init_args.n_train_per_class",
+        "20",
+        "--data.init_args.n_val_per_class",
+        "20",
+        "--data.init_args.n_test_per_class",
+        "20",
+        "--data.init_args.batch_size",
+        "25",
+    ]
     # Unseeded: the ranks must still agree on the shuffle, or their shards overlap.
     return _ddp(tmp_path_factory, "nca", "fit", NCA, shrink, "--test_after_fit", "true", "--seed_everything", "false")
 
@@ -343,13 +439,26 @@ TENT_DOMAINS = ("gaussian_noise-5", "contrast-5")
 
 
 def _tent_shrink(data_dir: Path, mode: str) -> list[str]:
-    return ["--model.init_args.model", str(real_data("cifar10", "pretrained", "resnet20-12fca82f.th")),
-            "--model.init_args.mode", mode,
-            "--data.init_args.clean_npz", str(real_data("cifar10", "test_jpeg_q75.npz")),
-            "--data.init_args.data_dir", str(data_dir), "--data.init_args.corruptions", "[gaussian_noise, contrast]",
-            "--data.init_args.num_examples", "40", "--data.init_args.subset", "first",
-            "--data.init_args.shuffle", "true",
-            "--data.init_args.batch_size", "10"]  # fmt: skip
+    return [
+        "--model.init_args.model",
+        str(real_data("cifar10", "pretrained", "resnet20-12fca82f.th")),
+        "--model.init_args.mode",
+        mode,
+        "--data.init_args.clean_npz",
+        str(real_data("cifar10", "test_jpeg_q75.npz")),
+        "--data.init_args.data_dir",
+        str(data_dir),
+        "--data.init_args.corruptions",
+        "[gaussian_noise, contrast]",
+        "--data.init_args.num_examples",
+        "40",
+        "--data.init_args.subset",
+        "first",
+        "--data.init_args.shuffle",
+        "true",
+        "--data.init_args.batch_size",
+        "10",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -440,16 +549,26 @@ def _engression():
     return EngressionRegressor(hidden_dim=8, noise_dim=2)
 
 
-NOT_XLA_READY = [(_trm, "fit", "TRMModule"), (_nca, "fit", "NCAModule"),
-                 (_distillation(True), "fit", "DistillationModule"), (_tent("tent"), "test", "TentModule")]  # fmt: skip
-XLA_READY = [(_classifier, "fit"), (_engression, "fit"), (_distillation(False), "fit"), (_tent("source"), "test"),
-             (_tent("norm"), "test")]  # fmt: skip
+NOT_XLA_READY = [
+    (_trm, "fit", "TRMModule"),
+    (_nca, "fit", "NCAModule"),
+    (_distillation(True), "fit", "DistillationModule"),
+    (_tent("tent"), "test", "TentModule"),
+]
+XLA_READY = [
+    (_classifier, "fit"),
+    (_engression, "fit"),
+    (_distillation(False), "fit"),
+    (_tent("source"), "test"),
+    (_tent("norm"), "test"),
+]
 
 
 def _set_up(make, stage: str) -> None:
     module = make()
-    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                               enable_model_summary=False)  # fmt: skip
+    module.trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     module.setup(stage)
 
 

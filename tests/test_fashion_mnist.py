@@ -254,10 +254,7 @@ def test_exclude_classes_only_from_train(tmp_path, train_source):
 
 def find_shift(x: torch.Tensor, original: torch.Tensor, k: int) -> tuple[int, int]:
     matches = [
-        (dy, dx)
-        for dy in range(-k, k + 1)
-        for dx in range(-k, k + 1)
-        if torch.equal(x, shift_image(original, dy, dx))
+        (dy, dx) for dy in range(-k, k + 1) for dx in range(-k, k + 1) if torch.equal(x, shift_image(original, dy, dx))
     ]
     assert len(matches) == 1, "not a shift of the original by at most k pixels"
     return matches[0]
@@ -567,8 +564,15 @@ def test_real_mnist_test_images_split_for_benchmarks(tmp_path):
 def test_real_mnist_epoch_is_fast(tmp_path):
     link_shared_mnist(tmp_path)
     dm = FashionMNISTDataModule(
-        "mnist", data_dir=str(tmp_path), train_source="test", num_train=8000, num_test=2000, val_size=0,
-        jitter=2, return_index=True, batch_size=128,
+        "mnist",
+        data_dir=str(tmp_path),
+        train_source="test",
+        num_train=8000,
+        num_test=2000,
+        val_size=0,
+        jitter=2,
+        return_index=True,
+        batch_size=128,
     )
     dm.setup()
     assert len(dm.splits["train"]) == 8000
@@ -625,8 +629,13 @@ class IndexedClassifier(TinyClassifier):
 def test_lightning_fit_and_test(tmp_path):
     make_raw(tmp_path / "data", "mnist", n_train=None, n_test=100)
     dm = FashionMNISTDataModule(
-        "mnist", data_dir=str(tmp_path / "data"), train_source="test", flatten=True, return_index=True,
-        jitter=1, batch_size=16,
+        "mnist",
+        data_dir=str(tmp_path / "data"),
+        train_source="test",
+        flatten=True,
+        return_index=True,
+        jitter=1,
+        batch_size=16,
     )
     dm.prepare_data()
     dm.setup()
@@ -641,8 +650,9 @@ def test_lightning_fit_and_test(tmp_path):
 
 def test_flat_folder_of_the_official_files(tmp_path):
     """The real MNIST test files, read in place from their flat folder (no torchvision layout)."""
-    dm = FashionMNISTDataModule(dataset="mnist", data_dir=str(real_data("mnist")), train_source="test",
-                                num_train=500, num_test=100)  # fmt: skip
+    dm = FashionMNISTDataModule(
+        dataset="mnist", data_dir=str(real_data("mnist")), train_source="test", num_train=500, num_test=100
+    )
     dm.setup()
     assert dm.raw_folder == real_data("mnist")
     assert len(dm.splits["test"]) == 100 and dm.files["test"][0].parent == real_data("mnist")

@@ -194,7 +194,9 @@ def test_group_by_module(tmp_path):
 @pytest.mark.parametrize("every_n_steps, group_by_module", [(1, False), (None, False), (2, True)])
 def test_grad_norms(tmp_path, every_n_steps, group_by_module):
     logger = CSVLogger(tmp_path, name="csv")
-    monitor = FrobeniusNormMonitor(every_n_steps=every_n_steps, group_by_module=group_by_module, log_grad_norm=True, plot=False)
+    monitor = FrobeniusNormMonitor(
+        every_n_steps=every_n_steps, group_by_module=group_by_module, log_grad_norm=True, plot=False
+    )
     trainer, model = fit(tmp_path, [monitor], logger=logger)
 
     steps = [e["step"] for e in monitor.history]
@@ -219,7 +221,9 @@ def test_every_n_steps_logs_at_the_right_steps(tmp_path):
     rows = csv_rows(logger, "frobenius_norm/total")
     assert [int(r["step"]) for r in rows] == [3, 6]
     for row, entry in zip(rows, monitor.history):
-        assert float(row["frobenius_norm/total"]) == pytest.approx(expected(model.step_weights[entry["step"]])["total"], rel=TOL)
+        assert float(row["frobenius_norm/total"]) == pytest.approx(
+            expected(model.step_weights[entry["step"]])["total"], rel=TOL
+        )
 
 
 def test_every_n_steps_with_gradient_accumulation_logs_each_step_once(tmp_path):

@@ -199,7 +199,10 @@ def test_filter_normalisation_and_seeding():
     layer = random_directions(params, num=1, normalization="layer", seed=7)[0]
     assert layer["3.weight"].norm().item() == pytest.approx(params["3.weight"].norm().item(), rel=1e-5)
     model = random_directions(params, num=1, normalization="model", ignore=None, seed=7)[0]
-    total = lambda ts: torch.sqrt(sum(t.detach().square().sum() for t in ts)).item()
+
+    def total(ts):
+        return torch.sqrt(sum(t.detach().square().sum() for t in ts)).item()
+
     assert total(model.values()) == pytest.approx(total(params.values()), rel=1e-5)
     keep = random_directions(params, num=1, ignore=None, seed=7)[0]
     assert torch.equal(keep["0.bias"], params["0.bias"].detach())  # filter norm on a 1-d tensor: the weight itself

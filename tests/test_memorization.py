@@ -22,15 +22,27 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "memorization"
 def _run(tmp_path, config: str, *extra: str):
     data_dir = real_data("afhq").parent
     argv = [
-        "fit", "--config", str(CONFIGS / f"{config}.yaml"),
-        "--data.init_args.data_dir", str(data_dir),
-        "--data.init_args.num_train", "null", "--data.init_args.num_val", "null",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-        "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.callbacks.resolution", "5",  # the last callback of the list: LossLandscape
+        "fit",
+        "--config",
+        str(CONFIGS / f"{config}.yaml"),
+        "--data.init_args.data_dir",
+        str(data_dir),
+        "--data.init_args.num_train",
+        "null",
+        "--data.init_args.num_val",
+        "null",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--checkpoint.dirpath",
+        str(tmp_path / "ckpt"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.callbacks.resolution",
+        "5",  # the last callback of the list: LossLandscape
         *extra,
-    ]  # fmt: skip
+    ]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         return run_lightning(argv)

@@ -87,8 +87,16 @@ def test_pca_and_lda_directions():
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_epochs=15, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=15,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -118,8 +126,14 @@ def test_standardisation_is_in_the_checkpoint_and_errors(tmp_path):
     assert model.std[2] > 5 and bool(model.initialised)
     loaded = NCAModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert torch.equal(loaded.std, model.std) and torch.equal(loaded.A, model.A)
-    for kwargs, field in [({"out_dim": 0}, "out_dim"), ({"init": "svd"}, "init"), ({"k": [0]}, "k"),
-                          ({"lr": 0.0}, "lr"), ({"margin": -1.0}, "margin"), ({"out_dim": 4, "init": "identity"}, "out_dim")]:  # fmt: skip
+    for kwargs, field in [
+        ({"out_dim": 0}, "out_dim"),
+        ({"init": "svd"}, "init"),
+        ({"k": [0]}, "k"),
+        ({"lr": 0.0}, "lr"),
+        ({"margin": -1.0}, "margin"),
+        ({"out_dim": 4, "init": "identity"}, "out_dim"),
+    ]:
         with pytest.raises(ValueError, match=field):
             NCAModule(in_dim=3, **{"out_dim": 2, **kwargs})
 
@@ -141,14 +155,21 @@ def test_ddp_gradient_equals_the_single_process_gradient(tmp_path):
     results = {}
     for devices in (1, 2):
         torch.manual_seed(0)
-        model = NCAModule(in_dim=3, out_dim=2, init="random", standardize=False, optimizer="sgd", lr=0.5, k=(1,),
-                          plot=False)  # fmt: skip
+        model = NCAModule(
+            in_dim=3, out_dim=2, init="random", standardize=False, optimizer="sgd", lr=0.5, k=(1,), plot=False
+        )
         start = model.A.detach().clone()
         # 40 training items: one global batch of 40 in one process, two of 20 (one per rank) under DDP
         data.hparams.batch_size = 40 // devices
         kwargs = dict(strategy="ddp_spawn", devices=2) if devices == 2 else {}
-        trainer = _trainer(tmp_path / str(devices), max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
-                           use_distributed_sampler=True, **kwargs)  # fmt: skip
+        trainer = _trainer(
+            tmp_path / str(devices),
+            max_steps=1,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=True,
+            **kwargs,
+        )
         trainer.fit(model, datamodule=data)
         results[devices] = model.A.detach().clone()
     assert not torch.allclose(results[1], start)  # it moved
@@ -160,8 +181,16 @@ def test_nca_on_a_frozen_zoo_backbone_and_real_mnist(tmp_path):
     from reprozoo.datamodules import FashionMNISTDataModule
     from tests.conftest import real_data
 
-    dm = FashionMNISTDataModule(dataset="mnist", data_dir=str(real_data("mnist")), train_source="test",
-                                num_train=400, val_size=100, num_test=100, flatten=True, batch_size=100)  # fmt: skip
+    dm = FashionMNISTDataModule(
+        dataset="mnist",
+        data_dir=str(real_data("mnist")),
+        train_source="test",
+        num_train=400,
+        val_size=100,
+        num_test=100,
+        flatten=True,
+        batch_size=100,
+    )
     torch.manual_seed(0)
     model = NCAModule(in_dim=1200, out_dim=8, encoder="mlp1200_mnist.teacher", init="pca", lr=0.01, k=(5,))
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}

@@ -150,8 +150,16 @@ def test_mlp_bad_fields_are_named(kwargs, field):
     ],
 )
 def test_convnet_shapes(channels, L, P, residual, n_pools):
-    net = ConvNet(in_channels=3, num_classes=7, channels=channels, layers_per_block=L, pool_every=P, residual=residual,
-                  hidden=(20,), image_size=32)  # fmt: skip
+    net = ConvNet(
+        in_channels=3,
+        num_classes=7,
+        channels=channels,
+        layers_per_block=L,
+        pool_every=P,
+        residual=residual,
+        hidden=(20,),
+        image_size=32,
+    )
     convs3 = [m for m in net.features.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     assert [c.out_channels for c in convs3] == [k for k in channels for _ in range(L)]
     assert sum(isinstance(m, nn.MaxPool2d) for m in net.features) == n_pools
@@ -165,7 +173,9 @@ def test_convnet_shapes(channels, L, P, residual, n_pools):
 def test_convnet_plain_layout_and_residual_projection():
     net = ConvNet(channels=(4, 8), layers_per_block=2, pool_every=2, batch_norm=True)
     types = [type(m).__name__ for m in net.features]
-    assert types == ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + ["MaxPool2d"] + ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + ["MaxPool2d"]
+    assert types == ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + ["MaxPool2d"] + ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + [
+        "MaxPool2d"
+    ]
     assert all(m.bias is None for m in net.features if isinstance(m, nn.Conv2d))  # BN replaces the bias
     no_bn = ConvNet(channels=(4,), batch_norm=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in no_bn.modules())

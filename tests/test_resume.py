@@ -31,8 +31,16 @@ from tests.helpers import tiny_data, tiny_engression
 
 def _rings(**kwargs):
     # 3 classes x 10 = 30 training points in batches of 8: 4 batches an epoch, so step 5 is inside epoch 1
-    return ConcentricRingsDataModule(**{"n_train_per_class": 10, "n_val_per_class": 4, "n_test_per_class": 4,
-                                        "num_classes": 3, "batch_size": 8, **kwargs})  # fmt: skip
+    return ConcentricRingsDataModule(
+        **{
+            "n_train_per_class": 10,
+            "n_val_per_class": 4,
+            "n_test_per_class": 4,
+            "num_classes": 3,
+            "batch_size": 8,
+            **kwargs,
+        }
+    )
 
 
 def _classifier():
@@ -56,8 +64,17 @@ def sudoku_dir(tmp_path_factory):
 
 
 def _trm():
-    return TRMModule(hidden_size=32, expansion=2.0, puzzle_emb_ndim=32, n=2, T=2, n_sup=2, warmup_steps=1,
-                     lr=1e-3, halt_exploration_prob=0.5)  # fmt: skip
+    return TRMModule(
+        hidden_size=32,
+        expansion=2.0,
+        puzzle_emb_ndim=32,
+        n=2,
+        T=2,
+        n_sup=2,
+        warmup_steps=1,
+        lr=1e-3,
+        halt_exploration_prob=0.5,
+    )
 
 
 CASES = {
@@ -68,15 +85,25 @@ CASES = {
         lambda d: _rings(),
         10,
         5,
-        lambda: [FrobeniusNormMonitor(plot=False), LossLandscape(resolution=3, num_batches=1, every_n_epochs=1, plot=False)],
+        lambda: [
+            FrobeniusNormMonitor(plot=False),
+            LossLandscape(resolution=3, num_batches=1, every_n_epochs=1, plot=False),
+        ],
     ),
     "distillation": (_distillation, lambda d: _rings(), 10, 5, lambda: []),
     "nca": (_nca, lambda d: _rings(), 10, 5, lambda: []),
     # TRM: manual optimisation, one optimizer step per supervision step (n_sup=2), EMA; 24 puzzles / 8 = 3 batches
     "trm": (
         _trm,
-        lambda d: SudokuExtremeDataModule(data_dir=str(d), num_givens=50, n_train_generated=32, n_test_generated=8,
-                                          num_train_puzzles=24, num_val=8, batch_size=8),  # fmt: skip
+        lambda d: SudokuExtremeDataModule(
+            data_dir=str(d),
+            num_givens=50,
+            n_train_generated=32,
+            n_test_generated=8,
+            num_train_puzzles=24,
+            num_val=8,
+            batch_size=8,
+        ),
         10,
         4,
         lambda: [],
@@ -111,20 +138,25 @@ def test_n_steps_straight_equal_half_then_resume(name, tmp_path, sudoku_dir):
     _, _, steps, every, _ = CASES[name]
     straight, trainer, callbacks = _fit(tmp_path / "straight", name, steps, every, data_dir=sudoku_dir)
     assert trainer.global_step == steps
-    half = tmp_path / "straight" / "ckpt" / f"epoch={_epoch_of(tmp_path / 'straight' / 'ckpt', every)}-step={every}.ckpt"
+    half = (
+        tmp_path / "straight" / "ckpt" / f"epoch={_epoch_of(tmp_path / 'straight' / 'ckpt', every)}-step={every}.ckpt"
+    )
     state = torch.load(half, weights_only=True)  # RNG states and loader position are plain tensors and numbers
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert 0 < loader_state["batches"] < len(trainer.train_dataloader), "the checkpoint should fall mid-epoch"
 
-    resumed, trainer2, callbacks2 = _fit(tmp_path / "resumed", name, steps, every, ckpt_path=half, seed=123,
-                                         data_dir=sudoku_dir)  # fmt: skip
+    resumed, trainer2, callbacks2 = _fit(
+        tmp_path / "resumed", name, steps, every, ckpt_path=half, seed=123, data_dir=sudoku_dir
+    )
     assert trainer2.global_step == steps
     for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name}: {key} differs after resume"
     opt_a, opt_b = trainer.optimizers[0].state_dict()["state"], trainer2.optimizers[0].state_dict()["state"]
     for k in opt_a:
         for field, value in opt_a[k].items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b[k][field])), f"{name}: optimizer {k}.{field}"
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b[k][field])), (
+                f"{name}: optimizer {k}.{field}"
+            )
     for a, b in zip(callbacks, callbacks2, strict=True):
         if isinstance(a, FrobeniusNormMonitor):
             assert a.history == b.history and a.initial == b.initial
@@ -174,24 +206,44 @@ def test_resumable_loader_order_and_skip(num_workers):
 # --------------------------------------------------------------------------------- kill -9 mid-epoch, then resume
 
 _KILL_ARGS = [
-    "--config", str(ROOT / "configs" / "engression" / "quickstart.yaml"),
-    "--trainer.max_steps", "24",
-    "--trainer.max_epochs", "-1",
-    "--trainer.deterministic", "true",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.logger", "false",
-    "--trainer.num_sanity_val_steps", "0",
-    "--trainer.check_val_every_n_epoch", "100",
-    "--data.init_args.n_train", "320",
-    "--data.init_args.batch_size", "32",
-    "--checkpoint.every_n_train_steps", "3",
-    "--checkpoint.save_top_k", "-1",
-]  # fmt: skip
+    "--config",
+    str(ROOT / "configs" / "engression" / "quickstart.yaml"),
+    "--trainer.max_steps",
+    "24",
+    "--trainer.max_epochs",
+    "-1",
+    "--trainer.deterministic",
+    "true",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.logger",
+    "false",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.check_val_every_n_epoch",
+    "100",
+    "--data.init_args.n_train",
+    "320",
+    "--data.init_args.batch_size",
+    "32",
+    "--checkpoint.every_n_train_steps",
+    "3",
+    "--checkpoint.save_top_k",
+    "-1",
+]
 
 
 def _cli_args(root):
-    return [sys.executable, str(ROOT / "cli.py"), "fit", *_KILL_ARGS, "--trainer.default_root_dir", str(root),
-            "--checkpoint.dirpath", str(root / "ckpt")]  # fmt: skip
+    return [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "fit",
+        *_KILL_ARGS,
+        "--trainer.default_root_dir",
+        str(root),
+        "--checkpoint.dirpath",
+        str(root / "ckpt"),
+    ]
 
 
 @pytest.mark.slow
@@ -199,8 +251,9 @@ def test_sigkill_mid_epoch_then_resume_loses_nothing(tmp_path):
     """A real `cli.py fit` is killed with SIGKILL after its checkpoint at step 9 (inside epoch 0 of 10 batches);
     `fit --ckpt_path last.ckpt` then ends with exactly the weights of an uninterrupted run."""
     env = {**os.environ, "REPROZOO_OFFLINE": "1"}
-    straight = subprocess.run(_cli_args(tmp_path / "straight"), cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
+    straight = subprocess.run(
+        _cli_args(tmp_path / "straight"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed_root = tmp_path / "killed"
@@ -220,8 +273,14 @@ def test_sigkill_mid_epoch_then_resume_loses_nothing(tmp_path):
     last = torch.load(killed_root / "ckpt" / "last.ckpt", weights_only=False)
     assert 9 <= last["global_step"] < 24 and last["global_step"] % 3 == 0
 
-    resumed = subprocess.run(_cli_args(killed_root) + ["--ckpt_path", str(killed_root / "ckpt" / "last.ckpt")],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        _cli_args(killed_root) + ["--ckpt_path", str(killed_root / "ckpt" / "last.ckpt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = torch.load(tmp_path / "straight" / "ckpt" / "epoch=2-step=24.ckpt", weights_only=False)["state_dict"]
     b = torch.load(killed_root / "ckpt" / "epoch=2-step=24.ckpt", weights_only=False)["state_dict"]
@@ -264,11 +323,24 @@ def test_ddp_two_processes_resume_exactly_with_disjoint_shards(tmp_path):
         L.seed_everything(seed)
         module, data = tiny_engression(), tiny_data(n_train=128, batch_size=16)  # 4 steps an epoch per process
         seen = _SeenRows()
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=10, deterministic=True,
-                            logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, default_root_dir=root,
-                            callbacks=[RNGStateCheckpoint(), seen,
-                                       ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=5, save_top_k=-1)])  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp_spawn",
+            max_steps=10,
+            deterministic=True,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=root,
+            callbacks=[
+                RNGStateCheckpoint(),
+                seen,
+                ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=5, save_top_k=-1),
+            ],
+        )
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         return module, torch.load(root / "seen.pt", weights_only=False)
 

@@ -26,13 +26,31 @@ def mnist_root(monkeypatch) -> None:
 
 def _run(tmp_path, config: Path, *extra: str):
     argv = [
-        "fit", "--config", str(config), "--data.init_args.dataset", "mnist",
-        "--data.init_args.train_source", "test", "--data.init_args.num_train", "400",
-        "--data.init_args.val_size", "100", "--data.init_args.num_test", "100",
-        "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-        "--checkpoint.dirpath", str(tmp_path / "ckpt"), "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", *extra,
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        str(config),
+        "--data.init_args.dataset",
+        "mnist",
+        "--data.init_args.train_source",
+        "test",
+        "--data.init_args.num_train",
+        "400",
+        "--data.init_args.val_size",
+        "100",
+        "--data.init_args.num_test",
+        "100",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+        "--checkpoint.dirpath",
+        str(tmp_path / "ckpt"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         return run_lightning(argv)
@@ -40,8 +58,9 @@ def _run(tmp_path, config: Path, *extra: str):
 
 @pytest.mark.parametrize("variant", ["plain", "batchnorm", "layernorm", "dropout", "l1", "l2"])
 def test_regularization_config(tmp_path, variant, mnist_root):
-    cli = _run(tmp_path, CONFIGS / "regularization" / f"{variant}.yaml",
-               "--trainer.callbacks.resolution", "5")  # the last callback: LossLandscape  # fmt: skip
+    cli = _run(
+        tmp_path, CONFIGS / "regularization" / f"{variant}.yaml", "--trainer.callbacks.resolution", "5"
+    )  # the last callback: LossLandscape
     log_dir = Path(cli.trainer.logger.log_dir)
     assert (log_dir / "frobenius_norm" / "norms_epoch0.png").exists()
     assert load_landscape(log_dir / "loss_landscape" / "epoch_0.npz")["loss"].shape == (5, 5)
@@ -54,8 +73,14 @@ def test_regularization_config(tmp_path, variant, mnist_root):
 
 @pytest.mark.parametrize("config", ["teacher", "small", "distilled", "teacher_mnist8k", "distilled_mnist8k"])
 def test_distillation_config(tmp_path, config, mnist_root):
-    cli = _run(tmp_path, CONFIGS / "distillation" / f"{config}.yaml", "--trainer.limit_train_batches", "2",
-               "--trainer.limit_val_batches", "1")  # fmt: skip
+    cli = _run(
+        tmp_path,
+        CONFIGS / "distillation" / f"{config}.yaml",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    )
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
     if config.startswith("distilled"):
         assert cli.model.teacher is not None and not cli.model.teacher.training
@@ -70,12 +95,25 @@ def test_tent_generated_config_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        cli = run_lightning([
-            "test", "--config", str(CONFIGS / "tent" / "resnet20_generated.yaml"),
-            "--data.init_args.data_dir", str(tmp_path / "c"), "--data.init_args.num_examples", "200",
-            "--data.init_args.corruptions", "[gaussian_noise, fog]", "--data.init_args.batch_size", "100",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false",
-        ])  # fmt: skip
+        cli = run_lightning(
+            [
+                "test",
+                "--config",
+                str(CONFIGS / "tent" / "resnet20_generated.yaml"),
+                "--data.init_args.data_dir",
+                str(tmp_path / "c"),
+                "--data.init_args.num_examples",
+                "200",
+                "--data.init_args.corruptions",
+                "[gaussian_noise, fog]",
+                "--data.init_args.batch_size",
+                "100",
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "logs"),
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
+        )
     metrics = cli.trainer.callback_metrics
     assert {"test/error/gaussian_noise-5", "test/error/fog-5"} <= set(metrics)
 

@@ -5,8 +5,7 @@ import urllib.request
 import pytest
 import torch
 
-from reprozoo.datamodules import SudokuExtremeDataModule
-from reprozoo.datamodules import sudoku
+from reprozoo.datamodules import SudokuExtremeDataModule, sudoku
 from reprozoo.datamodules.sudoku import (
     EpochSampler,
     SudokuDataset,
@@ -128,6 +127,7 @@ def test_augmentation_keeps_grids_valid_and_consistent():
     assert grids_valid(a.reshape(-1, 81)).all()
     assert ((q == 1) | (q == a)).all()  # every given agrees with the answer
     assert ((q == 1).sum(-1) == (questions == 1).sum(-1)).all()  # as many blanks as the original
+
     # the givens' digit histogram is the original's up to relabelling
     def histogram(x: torch.Tensor) -> torch.Tensor:
         return torch.stack([(x == t).sum(-1) for t in range(2, 11)], -1).sort(-1).values
@@ -176,7 +176,11 @@ def test_solver_counts_multiple_solutions():
             for c1 in range(9):
                 for c2 in range(c1 + 1, 9):
                     cells = [r1 * 9 + c1, r1 * 9 + c2, r2 * 9 + c1, r2 * 9 + c2]
-                    if c1 // 3 == c2 // 3 and answer[cells[0]] == answer[cells[3]] and answer[cells[1]] == answer[cells[2]]:
+                    if (
+                        c1 // 3 == c2 // 3
+                        and answer[cells[0]] == answer[cells[3]]
+                        and answer[cells[1]] == answer[cells[2]]
+                    ):
                         puzzle = "".join("." if i in cells else ch for i, ch in enumerate(answer))
                         assert count_solutions(puzzle) == 2 == brute_count(puzzle)
                         assert count_solutions(puzzle, limit=1) == 1
@@ -186,8 +190,15 @@ def test_solver_counts_multiple_solutions():
 
 def small_generated(tmp_path, **kwargs) -> SudokuExtremeDataModule:
     defaults = dict(
-        source="generate", data_dir=str(tmp_path / "data"), num_givens=30, n_train_generated=60,
-        n_test_generated=20, num_train_puzzles=40, num_val=10, batch_size=16, seed=0,
+        source="generate",
+        data_dir=str(tmp_path / "data"),
+        num_givens=30,
+        n_train_generated=60,
+        n_test_generated=20,
+        num_train_puzzles=40,
+        num_val=10,
+        batch_size=16,
+        seed=0,
     )
     defaults.update(kwargs)
     return SudokuExtremeDataModule(**defaults)
@@ -230,14 +241,21 @@ def test_generation_is_seeded_and_cached(tmp_path, monkeypatch):
 
 def test_read_shared_csvs_and_solve_them():
     start = time.perf_counter()
-    full = {name: read_sudoku_csv(real_data("sudoku", name)) for name in ("forum_hardest_1905.csv", "seventeen_clue.csv")}
+    full = {
+        name: read_sudoku_csv(real_data("sudoku", name)) for name in ("forum_hardest_1905.csv", "seventeen_clue.csv")
+    }
     elapsed = time.perf_counter() - start
-    assert len(full["forum_hardest_1905.csv"].questions) == 48_766 and len(full["seventeen_clue.csv"].questions) == 49_158
+    assert (
+        len(full["forum_hardest_1905.csv"].questions) == 48_766 and len(full["seventeen_clue.csv"].questions) == 49_158
+    )
     assert elapsed < 15, f"reading ~100k rows took {elapsed:.1f}s: validation is no longer vectorised?"
-    for name, table in full.items():
+    for _name, table in full.items():
         assert table.questions.dtype == table.answers.dtype == torch.long and table.questions.shape[1] == 81
         assert (table.ratings == -1).all()  # no ratings in these files
-        assert grids_valid(table.answers[:5000]).all() and ((table.questions == 1) | (table.questions == table.answers)).all()
+        assert (
+            grids_valid(table.answers[:5000]).all()
+            and ((table.questions == 1) | (table.questions == table.answers)).all()
+        )
     assert ((full["seventeen_clue.csv"].questions > 1).sum(-1) == 17).all()
     limited = shared_sudoku("forum_hardest_1905.csv", 3000)
     assert torch.equal(limited.questions, full["forum_hardest_1905.csv"].questions[:3000])
@@ -386,7 +404,9 @@ def test_hub_download_is_atomic_and_recorded(tmp_path, monkeypatch):
         return Watched(url)
 
     monkeypatch.setattr(urllib.request, "urlopen", watched_urlopen)
-    kwargs = dict(source="hub", data_dir=str(data_dir), hub_url=hub.as_uri(), num_train_puzzles=20, num_val=4, batch_size=8)
+    kwargs = dict(
+        source="hub", data_dir=str(data_dir), hub_url=hub.as_uri(), num_train_puzzles=20, num_val=4, batch_size=8
+    )
     dm = SudokuExtremeDataModule(**kwargs)
     dm.setup()
     assert calls == [f"{hub.as_uri()}/train.csv", f"{hub.as_uri()}/test.csv"]
@@ -394,7 +414,12 @@ def test_hub_download_is_atomic_and_recorded(tmp_path, monkeypatch):
         assert (data_dir / name).read_bytes() == (hub / name).read_bytes()
         digest = hashlib.sha256((hub / name).read_bytes()).hexdigest()
         assert (data_dir / f"{name}.sha256").read_text().split()[0] == digest
-    assert sorted(p.name for p in data_dir.iterdir()) == ["test.csv", "test.csv.sha256", "train.csv", "train.csv.sha256"]
+    assert sorted(p.name for p in data_dir.iterdir()) == [
+        "test.csv",
+        "test.csv.sha256",
+        "train.csv",
+        "train.csv.sha256",
+    ]
     assert len(dm.splits["train"]) == 20 and len(dm.splits["val"]) == 4 and len(dm.splits["test"]) == 6
     SudokuExtremeDataModule(**kwargs).setup()
     assert len(calls) == 2  # present and verified: not downloaded again
@@ -427,9 +452,16 @@ def test_hub_failed_download_leaves_nothing(tmp_path, monkeypatch):
 def test_splits_are_seeded_disjoint_and_batched(tmp_path):
     def make(seed=0, **kwargs):
         dm = SudokuExtremeDataModule(
-            source="csv", train_file=str(real_data("sudoku", "forum_hardest_1905.csv")),
-            test_file=str(real_data("sudoku", "seventeen_clue.csv")), data_dir=str(tmp_path),
-            num_train_puzzles=1000, num_val=200, limit_test=300, batch_size=64, seed=seed, **kwargs,
+            source="csv",
+            train_file=str(real_data("sudoku", "forum_hardest_1905.csv")),
+            test_file=str(real_data("sudoku", "seventeen_clue.csv")),
+            data_dir=str(tmp_path),
+            num_train_puzzles=1000,
+            num_val=200,
+            limit_test=300,
+            batch_size=64,
+            seed=seed,
+            **kwargs,
         )
         dm.setup()
         return dm
@@ -522,8 +554,14 @@ def test_lightning_advances_the_epoch_reproducibly(tmp_path):
     def run() -> list[torch.Tensor]:
         model = Record()
         trainer = L.Trainer(
-            accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path,
+            accelerator="cpu",
+            max_epochs=3,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
         )
         trainer.fit(model, small_generated(tmp_path))
         return model.first_items

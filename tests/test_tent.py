@@ -372,8 +372,15 @@ def test_wide_resnet28_10_has_robustbench_standard_size_and_keys():
     wrn = wide_resnet28_10()
     assert sum(p.numel() for p in wrn.parameters()) == 36_479_194  # RobustBench's Standard
     keys = set(wrn.state_dict())
-    assert {"conv1.weight", "block1.layer.0.bn1.weight", "block1.layer.0.convShortcut.weight",
-            "block3.layer.3.conv2.weight", "bn1.running_var", "fc.weight", "fc.bias"} <= keys  # fmt: skip
+    assert {
+        "conv1.weight",
+        "block1.layer.0.bn1.weight",
+        "block1.layer.0.convShortcut.weight",
+        "block3.layer.3.conv2.weight",
+        "bn1.running_var",
+        "fc.weight",
+        "fc.bias",
+    } <= keys
     assert "block1.layer.1.convShortcut.weight" not in keys
     assert sum(isinstance(m, nn.BatchNorm2d) for m in wrn.modules()) == 25
     small = WideResNet(depth=10, widen_factor=1)

@@ -64,7 +64,9 @@ def test_recursion_does_T_minus_1_passes_without_gradient():
     n, T = 3, 4
     model = TRMModule(**(TINY | {"n": n, "T": T}))
     calls = {True: 0, False: 0}
-    model.net.blocks[0].register_forward_hook(lambda *a: calls.__setitem__(torch.is_grad_enabled(), calls[torch.is_grad_enabled()] + 1))
+    model.net.blocks[0].register_forward_hook(
+        lambda *a: calls.__setitem__(torch.is_grad_enabled(), calls[torch.is_grad_enabled()] + 1)
+    )
     batch = _batch(2)
     x = model.net.embed(batch["inputs"], batch["puzzle_identifiers"])
     y, z = model.net.initial_state(2)
@@ -149,7 +151,7 @@ def test_ema_follows_the_official_update():
         for p in model.net.parameters():
             p.add_(1.0)
     model.ema.update_parameters(model.net)
-    for e, p, b in zip(model.ema.module.parameters(), model.net.parameters(), before):
+    for e, p, _b in zip(model.ema.module.parameters(), model.net.parameters(), before):
         assert torch.allclose(e, 0.9 * (p - 1.0) + 0.1 * p, atol=1e-6)
 
 
@@ -197,7 +199,9 @@ def test_stablemax_cross_entropy_matches_independent_computation():
     p = s / s.sum(-1, keepdims=True)
     expected = -np.log(np.take_along_axis(p, labels.numpy()[..., None], -1))[..., 0]
     assert np.allclose(stablemax_cross_entropy(logits, labels).numpy(), expected)
-    assert torch.allclose(_softmax_cross_entropy(logits, labels), F.cross_entropy(logits.transpose(1, 2), labels, reduction="none"))
+    assert torch.allclose(
+        _softmax_cross_entropy(logits, labels), F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    )
 
 
 @pytest.mark.slow
@@ -222,7 +226,9 @@ def test_resume_continues_identically_with_ema(tmp_path):
     assert any(k.startswith("ema.") for k in straight.state_dict())
 
 
-@pytest.mark.parametrize("kwargs, field", [({"n": 0}, "n"), ({"ema_decay": 1.0}, "ema_decay"), ({"curriculum": [[2]]}, "curriculum")])
+@pytest.mark.parametrize(
+    "kwargs, field", [({"n": 0}, "n"), ({"ema_decay": 1.0}, "ema_decay"), ({"curriculum": [[2]]}, "curriculum")]
+)
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"TRMModule: {field} must"):
         TRMModule(**kwargs)

@@ -51,8 +51,20 @@ def _with(puzzle: str, cells: dict[int, str]) -> str:
 
 
 BLANK = "." * 81
-BAD_PUZZLE_IDS = ["short", "long", "empty", "bad-char", "non-ascii", "row-clash", "column-clash", "box-clash", "blank",
-                  "blank-zeros", "none", "tokens"]  # fmt: skip
+BAD_PUZZLE_IDS = [
+    "short",
+    "long",
+    "empty",
+    "bad-char",
+    "non-ascii",
+    "row-clash",
+    "column-clash",
+    "box-clash",
+    "blank",
+    "blank-zeros",
+    "none",
+    "tokens",
+]
 
 # ----------------------------------------------------------------------------------------------- TRMModule.solve
 
@@ -338,7 +350,7 @@ def test_prediction_files_are_written_atomically(tmp_path, recorded_writes, fmt)
     trainer = types.SimpleNamespace(world_size=1, global_rank=0, log_dir=None, default_root_dir=tmp_path)
     outputs = [{"pred": torch.tensor([1, 2])}, {"pred": torch.tensor([3])}]
     writer.write_on_epoch_end(trainer, None, outputs, [[0, 1], [2]])
-    (name, data), = recorded_writes
+    ((name, data),) = recorded_writes
     assert sorted(p.name for p in tmp_path.iterdir()) == [name] == [f"predictions.{fmt}"]
     assert (tmp_path / name).read_bytes() == data  # one complete file, no temporary left
     if fmt == "csv":
@@ -351,7 +363,7 @@ def test_prediction_files_per_batch_are_written_atomically(tmp_path, recorded_wr
     writer = PredictionWriter(output_dir=tmp_path, write_interval="batch")
     trainer = types.SimpleNamespace(world_size=2, global_rank=1, log_dir=None, default_root_dir=tmp_path)
     writer.write_on_batch_end(trainer, None, torch.ones(2, 3), [4, 5], None, batch_idx=7, dataloader_idx=0)
-    (name, _), = recorded_writes
+    ((name, _),) = recorded_writes
     assert name == "predictions_dl0_batch7_rank1.pt" and [p.name for p in tmp_path.iterdir()] == [name]
     assert torch.load(tmp_path / name, weights_only=True)["batch_indices"] == [4, 5]
 
@@ -372,8 +384,11 @@ def test_tent_summary_table_and_figure_are_written_atomically(tmp_path, recorded
     tiny_trainer(tmp_path).test(module, dataloaders=DataLoader(data, batch_size=4))
     out = tmp_path / "tent"
     written = {name: data for name, data in recorded_writes}
-    assert sorted(written) == sorted(p.name for p in out.iterdir()) == ["error_per_domain.png", "summary.csv",
-                                                                        "summary.md"]  # fmt: skip
+    assert (
+        sorted(written)
+        == sorted(p.name for p in out.iterdir())
+        == ["error_per_domain.png", "summary.csv", "summary.md"]
+    )
     assert all((out / name).read_bytes() == data for name, data in written.items())
     assert written["error_per_domain.png"].startswith(b"\x89PNG")
 
@@ -385,8 +400,12 @@ def test_trm_checkpointing_every_n_steps_does_not_print_lightnings_manual_optimi
     inputs = torch.stack([encode(q) for q, _ in generate_puzzles(4, 40, seed="quiet")])  # (4, 81)
     items = [{"inputs": x, "labels": x, "puzzle_identifiers": torch.tensor(0)} for x in inputs]
     model = TRMModule(**TRM_TINY)
-    trainer = tiny_trainer(tmp_path, max_steps=2, limit_val_batches=0,
-                           callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)])  # fmt: skip
+    trainer = tiny_trainer(
+        tmp_path,
+        max_steps=2,
+        limit_val_batches=0,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # all warnings recorded, except those TRM filters on purpose
         trainer.fit(model, DataLoader(items, batch_size=2))

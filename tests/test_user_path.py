@@ -28,16 +28,25 @@ from tests.conftest import ROOT
 QUICK = "configs/engression/quickstart.yaml"
 RUN = "lightning_logs/engression_quickstart"
 TINY = [
-    "--trainer.max_epochs", "2",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-    "--trainer.num_sanity_val_steps", "0",
-    "--test_after_fit", "false",
-    "--data.init_args.n_train", "200",
-    "--data.init_args.n_val", "100",
-    "--data.init_args.n_test", "100",
-    "--data.init_args.batch_size", "100",
-]  # fmt: skip  # 2 batches an epoch: 2 epochs = global step 4
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--test_after_fit",
+    "false",
+    "--data.init_args.n_train",
+    "200",
+    "--data.init_args.n_val",
+    "100",
+    "--data.init_args.n_test",
+    "100",
+    "--data.init_args.batch_size",
+    "100",
+]  # 2 batches an epoch: 2 epochs = global step 4
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -184,8 +193,16 @@ def test_tampered_zoo_file(work, capsys, monkeypatch, tmp_path):
 
 
 def test_missing_data_folder(work, capsys):
-    line = refused(capsys, "fit", "--config", "configs/quickstart.yaml", "--data.init_args.source", "csv",
-                   "--data.init_args.data_dir", "nodata")  # fmt: skip
+    line = refused(
+        capsys,
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--data.init_args.source",
+        "csv",
+        "--data.init_args.data_dir",
+        "nodata",
+    )
     assert "nodata/train.csv" in line and "Put train.csv at " in line, line  # (data_dir is under the data root)
     assert digest(work) == {}
 
@@ -203,8 +220,18 @@ def test_malformed_data_file_leaves_no_version_folder(work, capsys, monkeypatch)
 
     monkeypatch.setattr(cli.RunGuard, "remove_output", spy)
     before = digest(work)
-    line = refused(capsys, "fit", "--config", "configs/quickstart.yaml", "--data.init_args.source", "csv",
-                   "--data.init_args.train_file", "bad.csv", "--data.init_args.test_file", "good.csv")  # fmt: skip
+    line = refused(
+        capsys,
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--data.init_args.source",
+        "csv",
+        "--data.init_args.train_file",
+        "bad.csv",
+        "--data.init_args.test_file",
+        "good.csv",
+    )
     assert line == "error: bad.csv, line 4: question has 80 characters, expected 81"
     assert "lightning_logs/quickstart/version_0" in removed  # it existed: the clean-up did the work
     assert digest(work) == before and not (work / "lightning_logs").exists()
@@ -236,8 +263,9 @@ def test_checkpoint_of_another_method(work, trained, capsys):
 
 
 def test_diverging_run_is_one_line_and_keeps_its_logs(work, capsys):
-    line = refused(capsys, "fit", "--config", QUICK, *TINY, "--model.init_args.lr", "1e30",
-                   "--model.init_args.batch_norm", "false")  # fmt: skip
+    line = refused(
+        capsys, "fit", "--config", QUICK, *TINY, "--model.init_args.lr", "1e30", "--model.init_args.batch_norm", "false"
+    )
     assert "EngressionRegressor: the training loss is not finite" in line and "lower the learning rate" in line
     kept = digest(work / RUN / "version_0")
     assert "config.yaml" in kept and any(name.startswith("events.out.tfevents") for name in kept)
@@ -319,8 +347,17 @@ def test_resume_last_continues_the_run_in_its_folder(work, capsys, monkeypatch):
 
 def test_resume_an_explicit_checkpoint_continues_its_version(resumable, work, capsys):
     shutil.copytree(resumable, work / RUN / "version_1")  # a later run: `last` would pick it, the path does not
-    code, _, err = run(capsys, "fit", "--config", QUICK, *TINY, "--trainer.max_epochs", "3",
-                       "--ckpt_path", f"{RUN}/version_0/checkpoints/last.ckpt")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "fit",
+        "--config",
+        QUICK,
+        *TINY,
+        "--trainer.max_epochs",
+        "3",
+        "--ckpt_path",
+        f"{RUN}/version_0/checkpoints/last.ckpt",
+    )
     assert code == 0, err[-3000:]
     assert f"logs and checkpoints continue in {RUN}/version_0" in err
     assert sorted(p.name for p in (work / RUN).iterdir()) == ["version_0", "version_1"]
@@ -331,18 +368,32 @@ def test_resume_an_explicit_checkpoint_continues_its_version(resumable, work, ca
 @pytest.mark.parametrize(
     "extra, says",
     [
-        (["--model.init_args.lr", "0.1"],
-         ["--model.init_args.lr 0.1 differs from the checkpoint's 0.005", "Resume with --model.init_args.lr 0.005",
-          "drop --ckpt_path"]),
-        (["--model.init_args.lr", "0.1", "--model.init_args.m", "4"],
-         ["--model.init_args.lr 0.1 and --model.init_args.m 4 differs from the checkpoint's 0.005 and 2",
-          "Resume with --model.init_args.lr 0.005 --model.init_args.m 2"]),
-        (["--data.init_args.batch_size", "50"],
-         ["--data.init_args.batch_size 50 differs from the checkpoint's batch size 100",
-          "Resume with --data.init_args.batch_size 100", "drop --ckpt_path"]),
+        (
+            ["--model.init_args.lr", "0.1"],
+            [
+                "--model.init_args.lr 0.1 differs from the checkpoint's 0.005",
+                "Resume with --model.init_args.lr 0.005",
+                "drop --ckpt_path",
+            ],
+        ),
+        (
+            ["--model.init_args.lr", "0.1", "--model.init_args.m", "4"],
+            [
+                "--model.init_args.lr 0.1 and --model.init_args.m 4 differs from the checkpoint's 0.005 and 2",
+                "Resume with --model.init_args.lr 0.005 --model.init_args.m 2",
+            ],
+        ),
+        (
+            ["--data.init_args.batch_size", "50"],
+            [
+                "--data.init_args.batch_size 50 differs from the checkpoint's batch size 100",
+                "Resume with --data.init_args.batch_size 100",
+                "drop --ckpt_path",
+            ],
+        ),
     ],
     ids=["lr", "lr-and-m", "batch_size"],
-)  # fmt: skip
+)
 def test_resume_with_other_values_is_refused(extra, says, resumable, work, capsys):
     before = digest(work)
     line = refused(capsys, "fit", "--config", QUICK, *TINY, "--trainer.max_epochs", "4", "--ckpt_path", "last", *extra)
@@ -352,16 +403,28 @@ def test_resume_with_other_values_is_refused(extra, says, resumable, work, capsy
 
 
 def test_resume_with_other_data_options_applies_them_with_a_note(resumable, work, capsys):
-    code, _, err = run(capsys, "fit", "--config", QUICK, *TINY, "--trainer.max_epochs", "3", "--ckpt_path", "last",
-                       "--data.init_args.n_train", "300")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "fit",
+        "--config",
+        QUICK,
+        *TINY,
+        "--trainer.max_epochs",
+        "3",
+        "--ckpt_path",
+        "last",
+        "--data.init_args.n_train",
+        "300",
+    )
     assert code == 0, err[-3000:]
     assert "note: fit uses --data.init_args.n_train 300 from the config, not the checkpoint's 200" in err
     assert step_of(resumable / "checkpoints" / "last.ckpt") == 7  # 4, then one epoch of 3 batches
 
 
 def test_predict_applies_the_configs_value_and_says_so(resumable, work, capsys):
-    code, _, err = run(capsys, "predict", "--config", QUICK, *TINY, "--ckpt_path", "last",
-                       "--model.init_args.eval_samples", "10")  # fmt: skip
+    code, _, err = run(
+        capsys, "predict", "--config", QUICK, *TINY, "--ckpt_path", "last", "--model.init_args.eval_samples", "10"
+    )
     assert code == 0, err[-3000:]
     assert "note: predict uses --model.init_args.eval_samples 10 from the config, not the checkpoint's 100" in err
     assert f"predicting with {RUN}/version_0/checkpoints/last.ckpt (epoch 2, global step 4)" in err
@@ -401,8 +464,15 @@ def test_refused_run_without_a_logger_leaves_no_config_file(work, capsys, monkey
 def _cli(work: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
     environment.update({"REPROZOO_OFFLINE": "1", **(env or {})})
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=work, env=environment, capture_output=True,
-                          text=True, timeout=600, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "cli.py", *args],
+        cwd=work,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 @pytest.fixture

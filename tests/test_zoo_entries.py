@@ -55,14 +55,19 @@ def test_entry_reproduces_its_test_metrics_through_the_cli(name, monkeypatch, tm
     cli = run_lightning(
         [
             "test",
-            "--config", entry.recipe,
-            "--model.init_args.weights", name,
-            "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp_path),
+            "--config",
+            entry.recipe,
+            "--model.init_args.weights",
+            name,
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
             *real,
         ]
-    )  # fmt: skip
+    )
     measured = cli.trainer.callback_metrics
     for key, value in test_metrics.items():
         # sampling noise only (100 samples per x, 1,000 points): a few percent at most

@@ -187,7 +187,7 @@ class FrobeniusNormMonitor(L.Callback):
         entry: dict[str, Any] = {"step": step, "epoch": trainer.current_epoch}
         metrics: dict[str, float] = {}
         start = 0
-        for prefix, labels, vec in parts:
+        for prefix, labels, _vec in parts:
             keys = [*labels, "total"]
             values_of_part = dict(zip(keys, floats[start : start + len(keys)]))
             entry["norms" if prefix == "frobenius_norm" else "grad_norms"] = values_of_part
@@ -288,8 +288,14 @@ class FrobeniusNormMonitor(L.Callback):
         ax = fig.add_subplot()
         positions = list(range(len(norms)))
         if before is not None:
-            ax.bar([p - 0.2 for p in positions], [before[k] for k in norms], width=0.4, color="tab:blue", alpha=0.35,
-                   label="start of training")  # fmt: skip
+            ax.bar(
+                [p - 0.2 for p in positions],
+                [before[k] for k in norms],
+                width=0.4,
+                color="tab:blue",
+                alpha=0.35,
+                label="start of training",
+            )
             ax.bar([p + 0.2 for p in positions], list(norms.values()), width=0.4, color="tab:blue", label="end")
             ax.axhline(
                 before["total"],

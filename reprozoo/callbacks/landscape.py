@@ -648,8 +648,10 @@ class LossLandscape(L.Callback):
                 logging.INFO if self._fallback_warned else logging.WARNING,
                 "LossLandscape: %s cannot be evaluated with vmap (%s: %s); evaluating the grid points one at a time "
                 "(same values, slower on accelerators; pass mode='loop' to skip this check)",
-                name, type(err).__name__, message,
-            )  # fmt: skip
+                name,
+                type(err).__name__,
+                message,
+            )
             self._fallback_warned = True
             return "loop"
         if len(chunk) < 2:
@@ -669,8 +671,11 @@ class LossLandscape(L.Callback):
         mode = "vmap" if vmap_s <= loop_s else "loop"
         log.info(
             "LossLandscape: %s per grid point and batch: vmap %.2f ms, loop %.2f ms; using %s",
-            name, 1000 * vmap_s, 1000 * loop_s, mode,
-        )  # fmt: skip
+            name,
+            1000 * vmap_s,
+            1000 * loop_s,
+            mode,
+        )
         return mode
 
     def _progress_bar(self, trainer: L.Trainer, total: int):

@@ -48,7 +48,9 @@ class PredictionWriter(BasePredictionWriter):
     def _name(self, trainer: L.Trainer, stem: str) -> str:
         return f"{stem}_rank{trainer.global_rank}.pt" if trainer.world_size > 1 else f"{stem}.pt"
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx: int, dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction: Any, batch_indices, batch, batch_idx: int, dataloader_idx: int
+    ) -> None:
         stem = f"predictions_dl{dataloader_idx}_batch{batch_idx}"
         path = self._dir(trainer) / self._name(trainer, stem)
         _save_atomic({"predictions": prediction, "batch_indices": batch_indices}, path)

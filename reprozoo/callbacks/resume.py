@@ -15,7 +15,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 def _rng_states() -> dict[str, Any]:
     # only tensors and plain Python values: checkpoints load with torch.load(weights_only=True)
     _, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy = {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    numpy = {
+        "key": torch.from_numpy(key.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     states = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -25,7 +30,9 @@ def _rng_states() -> dict[str, Any]:
 def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     numpy = states["numpy"]
-    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    np.random.set_state(
+        ("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
+    )
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

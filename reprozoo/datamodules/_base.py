@@ -79,7 +79,9 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.batch_sampler, ResumableBatchSampler):
-            raise TypeError(f"ResumableDataLoader needs a ResumableBatchSampler, got {type(self.batch_sampler).__name__}")
+            raise TypeError(
+                f"ResumableDataLoader needs a ResumableBatchSampler, got {type(self.batch_sampler).__name__}"
+            )
         # With a batch_sampler, DataLoader sets `sampler` to a SequentialSampler that is never used. Lightning reads
         # `sampler` to build the DDP sampler and to set the epoch: it must see ours, to wrap it
         # (DistributedSamplerWrapper) rather than replace it. (DataLoader forbids setting it after __init__.)

@@ -666,9 +666,14 @@ class CIFAR10CDataModule(L.LightningDataModule):
                         existing, have = None, 0  # unreadable cache: redo it
                 if have < needed:
                     new = corrupt(
-                        x[have:needed], c, s, seed=hp.seed, indices=np.arange(have, needed),
-                        frost_dir=hp.frost_dir, progress=needed - have >= 1000,
-                    )  # fmt: skip
+                        x[have:needed],
+                        c,
+                        s,
+                        seed=hp.seed,
+                        indices=np.arange(have, needed),
+                        frost_dir=hp.frost_dir,
+                        progress=needed - have >= 1000,
+                    )
                     data = np.concatenate([np.asarray(existing[:have]), new]) if have else new
                     del existing
                     write_atomic(path, _npy_bytes(data))
@@ -704,9 +709,7 @@ class CIFAR10CDataModule(L.LightningDataModule):
                         try:
                             open_images_file(paths[c], rows=len(labels))
                         except ValueError as err:
-                            raise ValueError(
-                                f"{err} (the rows of {paths['labels']}: 5 severities x n images)"
-                            ) from err
+                            raise ValueError(f"{err} (the rows of {paths['labels']}: 5 severities x n images)") from err
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}") from err
                 n = len(labels) // NUM_SEVERITIES

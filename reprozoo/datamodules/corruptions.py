@@ -659,7 +659,7 @@ def _glass_blur(x, c, rngs):
     y = _to_uint8(_gaussian(x / 255.0, sigma) * 255)
     pos = np.arange(size - delta, delta, -1)[::-1]  # the script's h, w: 32 - delta down to delta + 1
     batch = np.arange(len(x))[:, None, None]
-    for it in range(iterations):
+    for _it in range(iterations):
         shifts = _draw(rngs, lambda r: r.integers(-delta, delta, size=(len(pos), len(pos), 2)))
         dx, dy = shifts[..., 0], shifts[..., 1]
         # x[h, w] <- x[h + dy, w + dx]: the sources are never written before they are read in the script's

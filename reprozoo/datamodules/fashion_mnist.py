@@ -408,8 +408,10 @@ class FashionMNISTDataModule(_SplitsDataModule):
             raise ValueError(
                 f"{name}: jitter must be an integer number of pixels in [0, {IMAGE_SIZE - 1}], got {jitter!r}"
             )
-        if isinstance(exclude_classes, (str, bytes)) or not isinstance(exclude_classes, Iterable) or not all(
-            is_int(c) and 0 <= c < NUM_CLASSES for c in exclude_classes
+        if (
+            isinstance(exclude_classes, (str, bytes))
+            or not isinstance(exclude_classes, Iterable)
+            or not all(is_int(c) and 0 <= c < NUM_CLASSES for c in exclude_classes)
         ):
             raise ValueError(f"{name}: exclude_classes must be class numbers in 0..9, got {exclude_classes!r}")
         if len(set(int(c) for c in exclude_classes)) == NUM_CLASSES:

@@ -54,8 +54,12 @@ class ConcentricRingsDataModule(_SplitsDataModule):
     ):
         super().__init__()
         name = type(self).__name__
-        for field, value in {"n_train_per_class": n_train_per_class, "n_val_per_class": n_val_per_class,
-                             "n_test_per_class": n_test_per_class, "batch_size": batch_size}.items():  # fmt: skip
+        for field, value in {
+            "n_train_per_class": n_train_per_class,
+            "n_val_per_class": n_val_per_class,
+            "n_test_per_class": n_test_per_class,
+            "batch_size": batch_size,
+        }.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {field} must be an integer >= 1, got {value!r}")
         if num_classes < 2:

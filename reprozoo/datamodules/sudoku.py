@@ -298,9 +298,7 @@ def _still_unique_without(puzzle: list[int], cell: int, digit: int) -> bool:
             return True  # naked single
         bit = 1 << digit
         for unit in _CELL_UNITS[cell]:  # hidden single: no other blank of a unit may take the digit
-            if all(
-                puzzle[x] or any(puzzle[p] == digit for p in _PEERS[x]) for x in unit if x != cell
-            ):
+            if all(puzzle[x] or any(puzzle[p] == digit for p in _PEERS[x]) for x in unit if x != cell):
                 return True
         for other in _DIGITS_OF[candidates & ~bit]:
             puzzle[cell] = other
@@ -417,7 +415,9 @@ def _row_problem(question: str, answer: str, qd: np.ndarray, ad: np.ndarray) -> 
     return None
 
 
-def _validate_chunk(path: Path, questions: list[str], answers: list[str], lines: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def _validate_chunk(
+    path: Path, questions: list[str], answers: list[str], lines: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Digits (N, 81) of questions and answers, all rows checked at once; ValueError at the first bad row."""
     n = len(questions)
     q_bytes = np.frombuffer("".join(questions).encode("ascii", "replace"), dtype=np.uint8).reshape(n, SEQ_LEN)
@@ -752,7 +752,9 @@ class SudokuExtremeDataModule(_SplitsDataModule):
         if source not in ("csv", "hub", "generate"):
             raise ValueError(f"{name}: source must be 'csv', 'hub' or 'generate', got {source!r}")
         if not 17 <= num_givens <= 80:
-            raise ValueError(f"{name}: num_givens must be in 17..80 (a unique sudoku needs at least 17), got {num_givens}")
+            raise ValueError(
+                f"{name}: num_givens must be in 17..80 (a unique sudoku needs at least 17), got {num_givens}"
+            )
         for field, value in {
             "n_train_generated": n_train_generated,
             "n_test_generated": n_test_generated,
@@ -768,7 +770,9 @@ class SudokuExtremeDataModule(_SplitsDataModule):
             if value < 0:
                 raise ValueError(f"{name}: {field} must be >= 0, got {value}")
         if min_rating is not None and source == "generate":
-            raise ValueError(f"{name}: min_rating needs rated puzzles; generated ones have no rating (source='generate')")
+            raise ValueError(
+                f"{name}: min_rating needs rated puzzles; generated ones have no rating (source='generate')"
+            )
         if (train_file is not None or test_file is not None) and source != "csv":
             field = "train_file" if train_file is not None else "test_file"
             raise ValueError(f"{name}: {field} is only used with source='csv', got source={source!r}")
@@ -858,7 +862,9 @@ class SudokuExtremeDataModule(_SplitsDataModule):
         n_train = len(train_q)
         k = n_train if hp.num_train_puzzles is None else hp.num_train_puzzles
         if k > n_train or n_train == 0:
-            raise ValueError(f"{name}: num_train_puzzles={hp.num_train_puzzles} but {train_path} has {n_train} usable puzzles")
+            raise ValueError(
+                f"{name}: num_train_puzzles={hp.num_train_puzzles} but {train_path} has {n_train} usable puzzles"
+            )
         if len(test_q) == 0:
             raise ValueError(f"{name}: the test split {test_path} has no usable puzzles")
         order = np.random.default_rng((hp.seed, 1)).permutation(n_train)
@@ -877,7 +883,9 @@ class SudokuExtremeDataModule(_SplitsDataModule):
         def tokens(digits: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(digits + 1)  # uint8: blank 1, digits 2..10
 
-        self.splits["train"] = SudokuDataset(tokens(train_q[train_idx]), tokens(train_a[train_idx]), hp.augment, hp.seed)
+        self.splits["train"] = SudokuDataset(
+            tokens(train_q[train_idx]), tokens(train_a[train_idx]), hp.augment, hp.seed
+        )
         self.splits["val"] = SudokuDataset(tokens(val_q), tokens(val_a))
         self.splits["test"] = SudokuDataset(tokens(test_q), tokens(test_a))
 

@@ -65,10 +65,14 @@ class SyntheticRegressionDataModule(_SplitsDataModule):
     ):
         super().__init__()
         if function not in TRUE_FUNCTIONS:
-            raise ValueError(f"SyntheticRegressionDataModule: function must be one of {sorted(TRUE_FUNCTIONS)}, got {function!r}")
+            raise ValueError(
+                f"SyntheticRegressionDataModule: function must be one of {sorted(TRUE_FUNCTIONS)}, got {function!r}"
+            )
         for field, (lo, hi) in {"train_support": train_support, "test_range": test_range}.items():
             if not lo < hi:
-                raise ValueError(f"SyntheticRegressionDataModule: {field} must be (low, high) with low < high, got {(lo, hi)}")
+                raise ValueError(
+                    f"SyntheticRegressionDataModule: {field} must be (low, high) with low < high, got {(lo, hi)}"
+                )
         for field, value in {"n_train": n_train, "n_val": n_val, "n_test": n_test, "batch_size": batch_size}.items():
             if value < 1:
                 raise ValueError(f"SyntheticRegressionDataModule: {field} must be >= 1, got {value}")

@@ -86,8 +86,9 @@ def import_robustbench() -> types.ModuleType:
     return robustbench
 
 
-def robustbench_checkpoint_path(name: str, dataset: str = "cifar10", threat_model: str = "corruptions",
-                                model_dir: str | os.PathLike | None = None) -> Path:  # fmt: skip
+def robustbench_checkpoint_path(
+    name: str, dataset: str = "cifar10", threat_model: str = "corruptions", model_dir: str | os.PathLike | None = None
+) -> Path:
     """Where ``robustbench.utils.load_model`` looks for (and downloads) a checkpoint:
     ``<model_dir>/<dataset>/<threat_model>/<name>.pt``; ``model_dir`` defaults to ``$REPROZOO_CACHE/robustbench``."""
     root = Path(model_dir) if model_dir is not None else _files.cache_dir() / "robustbench"
@@ -120,8 +121,9 @@ def load_robustbench_model(
         )
     robustbench = import_robustbench()
     try:
-        model = robustbench.utils.load_model(name, model_dir=str(path.parents[2]), dataset=dataset,
-                                             threat_model=threat_model)  # fmt: skip
+        model = robustbench.utils.load_model(
+            name, model_dir=str(path.parents[2]), dataset=dataset, threat_model=threat_model
+        )
     except KeyError:
         raise WeightsError(f"robustbench knows no model {name!r} for {dataset} / {threat_model}") from None
     except ValueError as err:  # an unknown dataset or threat model name

@@ -114,8 +114,12 @@ class ClassifierModule(CheckpointGuard, L.LightningModule):
         _check(optimizer in _OPTIMIZERS, "optimizer", optimizer, f"one of {', '.join(_OPTIMIZERS)}")
         _check(lr > 0, "lr", lr, "> 0")
         _check(0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
-        _check(not nesterov or (optimizer == "sgd" and momentum > 0), "nesterov", nesterov,
-               "False unless optimizer='sgd' with momentum > 0")  # fmt: skip
+        _check(
+            not nesterov or (optimizer == "sgd" and momentum > 0),
+            "nesterov",
+            nesterov,
+            "False unless optimizer='sgd' with momentum > 0",
+        )
         _check(weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
         _check(l1 >= 0, "l1", l1, ">= 0")
         _check(l2 >= 0, "l2", l2, ">= 0")
@@ -138,13 +142,23 @@ class ClassifierModule(CheckpointGuard, L.LightningModule):
             try:
                 net = create_net(net)
             except ValueError as err:
-                raise ValueError(f"ClassifierModule: net must be an nn.Module or a registered net name: {err}") from None
+                raise ValueError(
+                    f"ClassifierModule: net must be an nn.Module or a registered net name: {err}"
+                ) from None
         self.net = net
         inferred = getattr(self.net, "num_classes", None)
-        _check(num_classes is not None or inferred is not None, "num_classes", num_classes,
-               f"given: the net ({type(self.net).__name__}) has no num_classes attribute")  # fmt: skip
-        _check(num_classes is None or inferred is None or num_classes == inferred, "num_classes", num_classes,
-               f"the net's num_classes ({inferred}) or None")  # fmt: skip
+        _check(
+            num_classes is not None or inferred is not None,
+            "num_classes",
+            num_classes,
+            f"given: the net ({type(self.net).__name__}) has no num_classes attribute",
+        )
+        _check(
+            num_classes is None or inferred is None or num_classes == inferred,
+            "num_classes",
+            num_classes,
+            f"the net's num_classes ({inferred}) or None",
+        )
         self.num_classes = int(num_classes if num_classes is not None else inferred)
         _check(self.num_classes >= 2, "num_classes", self.num_classes, ">= 2")
         self.train_metrics = _SplitMetrics(self.num_classes)
@@ -285,7 +299,9 @@ class ClassifierModule(CheckpointGuard, L.LightningModule):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay)
+            opt = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+            )
         elif hp.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
         else:

@@ -164,7 +164,9 @@ class DistillationModule(ClassifierModule):
         if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
             raise ValueError(f"DistillationModule: alpha must be in [0, 1], got {alpha!r}")
         if teacher is not None and not isinstance(teacher, (nn.Module, str, os.PathLike)):
-            raise ValueError(f"DistillationModule: teacher must be an nn.Module, a zoo name or a checkpoint path, got {teacher!r}")
+            raise ValueError(
+                f"DistillationModule: teacher must be an nn.Module, a zoo name or a checkpoint path, got {teacher!r}"
+            )
         super().__init__(
             student,
             num_classes=num_classes,
@@ -193,7 +195,9 @@ class DistillationModule(ClassifierModule):
         bias = torch.zeros(self.num_classes)
         for k, amount in (logit_bias or {}).items():
             if not (isinstance(k, int) and 0 <= k < self.num_classes):
-                raise ValueError(f"DistillationModule: logit_bias keys must be classes in 0..{self.num_classes - 1}, got {k!r}")
+                raise ValueError(
+                    f"DistillationModule: logit_bias keys must be classes in 0..{self.num_classes - 1}, got {k!r}"
+                )
             bias[k] = float(amount)
         self.register_buffer("logit_bias", bias, persistent=False)  # an evaluation setting, not a weight
         self._set_teacher(load_teacher(teacher) if teacher is not None else None)
@@ -242,14 +246,19 @@ class DistillationModule(ClassifierModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.hparams.cache_teacher:
-            warn_if_xla(self, "cache_teacher=True looks up and fills the teacher-logit cache with data-dependent "
-                        "boolean indexing and a host-side `if missing.any()` every step; set cache_teacher=False "
-                        "on XLA (the rest of the module is XLA-ready)")  # fmt: skip
+            warn_if_xla(
+                self,
+                "cache_teacher=True looks up and fills the teacher-logit cache with data-dependent "
+                "boolean indexing and a host-side `if missing.any()` every step; set cache_teacher=False "
+                "on XLA (the rest of the module is XLA-ready)",
+            )
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.hparams.alpha > 0 and self._teacher is None:
-            raise RuntimeError("DistillationModule: alpha > 0 needs a teacher (teacher=<zoo name | checkpoint | module>)")
+            raise RuntimeError(
+                "DistillationModule: alpha > 0 needs a teacher (teacher=<zoo name | checkpoint | module>)"
+            )
         if not self.hparams.cache_teacher:
             return
         dm = self.trainer.datamodule
@@ -294,8 +303,15 @@ class DistillationModule(ClassifierModule):
             distill = distillation_loss(logits, teacher, y, hp.temperature, hp.alpha)
         penalty = self.penalty()
         accuracy = (logits.detach().argmax(dim=-1) == y).float().mean()
-        return {"loss": distill + penalty, "ce": ce, "distill": distill, "penalty": penalty, "accuracy": accuracy,
-                "logits": logits, "y": y}  # fmt: skip
+        return {
+            "loss": distill + penalty,
+            "ce": ce,
+            "distill": distill,
+            "penalty": penalty,
+            "accuracy": accuracy,
+            "logits": logits,
+            "y": y,
+        }
 
     def _log_train_extra(self, out: dict[str, torch.Tensor], n: int) -> None:
         self.train_distill(out["distill"].detach(), n)

@@ -67,7 +67,9 @@ def energy_score(y: torch.Tensor, samples: torch.Tensor, beta: float = 1.0) -> t
     unbiased estimate of the CRPS of the sampled distribution.
     """
     if y.dim() != 2 or samples.dim() != 3 or samples.shape[0] != y.shape[0] or samples.shape[2] != y.shape[1]:
-        raise ValueError(f"energy_score expects y (B, d) and samples (B, m, d), got {tuple(y.shape)}, {tuple(samples.shape)}")
+        raise ValueError(
+            f"energy_score expects y (B, d) and samples (B, m, d), got {tuple(y.shape)}, {tuple(samples.shape)}"
+        )
     if not 0 < beta <= 2:
         raise ValueError(f"energy_score: beta must be in (0, 2], got {beta}")
     fit, spread = _energy_terms(y, samples, beta)
@@ -238,7 +240,9 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
         if x.dim() == 1:
             x = x.unsqueeze(1)
         if x.shape[1] != self.hparams.in_dim:
-            raise ValueError(f"EngressionRegressor: got inputs (features) of dimension {x.shape[1]}, in_dim is {self.hparams.in_dim}")
+            raise ValueError(
+                f"EngressionRegressor: got inputs (features) of dimension {x.shape[1]}, in_dim is {self.hparams.in_dim}"
+            )
         return (x - self.x_loc) / self.x_scale
 
     def _sample_standardized(self, features: torch.Tensor, num_samples: int) -> torch.Tensor:

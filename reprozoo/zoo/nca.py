@@ -45,9 +45,12 @@ __all__ = ["NCAModule", "knn_predict", "nca_log_p", "nca_loss", "pca_directions"
 
 
 def nca_log_p(
-    queries: torch.Tensor, keys: torch.Tensor, query_labels: torch.Tensor, key_labels: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_labels: torch.Tensor,
+    key_labels: torch.Tensor,
     self_index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_i (Q,), valid (Q,)) for query embeddings (Q, d) among key embeddings (K, d).
 
     ``self_index`` (Q,) gives each query's own row among the keys (excluded: p_ii = 0); None when the queries are
@@ -73,7 +76,9 @@ def nca_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     B' points that have at least one same-class neighbour in the batch (the others have p_i = 0 by construction and
     carry no signal; they are left out). 0 (with a graph) when no point qualifies."""
     if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
-        raise ValueError(f"nca_loss expects embeddings (B, d) and labels (B,), got {tuple(embeddings.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"nca_loss expects embeddings (B, d) and labels (B,), got {tuple(embeddings.shape)}, {tuple(labels.shape)}"
+        )
     log_p, valid = nca_log_p(embeddings, embeddings, labels, labels)
     if not valid.any():
         return embeddings.sum() * 0.0
@@ -126,9 +131,13 @@ def lda_directions(x: torch.Tensor, y: torch.Tensor, d: int, shrinkage: float = 
 
 
 def knn_predict(
-    queries: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor, k: int, num_classes: int,
+    queries: torch.Tensor,
+    reference: torch.Tensor,
+    reference_labels: torch.Tensor,
+    k: int,
+    num_classes: int,
     chunk: int = 1024,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Majority vote of the ``k`` nearest reference points (Euclidean) for each query (Q, D) -> (Q,) labels.
     Ties go to the class whose members are nearer (votes weighted 1 + tiny * rank tie-break). Queries are
     processed in chunks to bound memory."""
@@ -141,7 +150,9 @@ def knn_predict(
         labels = reference_labels[idx]
         # one vote each, plus a tie-breaker that favours nearer neighbours (smaller than one vote in total)
         weights = 1.0 + 1e-3 * (k - torch.arange(k, device=queries.device)) / k
-        votes = torch.zeros(len(idx), num_classes, device=queries.device).scatter_add_(1, labels, weights.expand_as(labels).contiguous())
+        votes = torch.zeros(len(idx), num_classes, device=queries.device).scatter_add_(
+            1, labels, weights.expand_as(labels).contiguous()
+        )
         out.append(votes.argmax(dim=1))
     return torch.cat(out)
 
@@ -256,7 +267,9 @@ class NCAModule(CheckpointGuard, L.LightningModule):
         if self.encoder is None:
             return x.flatten(1)
         net = getattr(self.encoder, "net", None)  # a zoo ClassifierModule: its network's features
-        extract = getattr(self.encoder, "forward_features", None) or getattr(net, "forward_features", None) or self.encoder
+        extract = (
+            getattr(self.encoder, "forward_features", None) or getattr(net, "forward_features", None) or self.encoder
+        )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._freeze_encoder):
             return extract(x).flatten(1)
 
@@ -298,7 +311,9 @@ class NCAModule(CheckpointGuard, L.LightningModule):
         loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
         from torch.utils.data import DataLoader
 
-        batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 256  # batch_sampler: None
+        batch_size = (
+            loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 256
+        )  # batch_sampler: None
         return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn)
 
     def on_fit_start(self) -> None:
@@ -371,9 +386,12 @@ class NCAModule(CheckpointGuard, L.LightningModule):
         self._timings = {"learned": 0.0, "raw": 0.0, "queries": 0.0}
 
     def setup(self, stage: str) -> None:
-        warn_if_xla(self, "its loss keeps the valid pairs by boolean-mask indexing (shapes that depend on the data) "
-                    "and reads their count on the host every step, the pca/lda initialisation is a float64 "
-                    "eigendecomposition, and the k-NN timings measure graph tracing, not the device")  # fmt: skip
+        warn_if_xla(
+            self,
+            "its loss keeps the valid pairs by boolean-mask indexing (shapes that depend on the data) "
+            "and reads their count on the host every step, the pca/lda initialisation is a float64 "
+            "eigendecomposition, and the k-NN timings measure graph tracing, not the device",
+        )
         self._make_metrics(getattr(self.trainer.datamodule, "num_classes", None))
 
     def _make_metrics(self, num_classes: int | None) -> None:
@@ -418,8 +436,10 @@ class NCAModule(CheckpointGuard, L.LightningModule):
     def _log_costs(self, stage: str) -> None:
         embedded, raw, _ = self._reference
         n = max(self._timings["queries"], 1)
-        values = {f"{stage}/knn_ms_per_query": 1000 * self._timings["learned"] / n,
-                  f"{stage}/reference_bytes": float(embedded.numel() * embedded.element_size() + self.A.numel() * 4)}  # fmt: skip
+        values = {
+            f"{stage}/knn_ms_per_query": 1000 * self._timings["learned"] / n,
+            f"{stage}/reference_bytes": float(embedded.numel() * embedded.element_size() + self.A.numel() * 4),
+        }
         if self.hparams.compare_raw:
             values[f"{stage}/knn_ms_per_query_raw"] = 1000 * self._timings["raw"] / n
             values[f"{stage}/reference_bytes_raw"] = float(raw.numel() * raw.element_size())

@@ -102,8 +102,13 @@ def _check(ok: bool, owner: str, field: str, value, requirement: str) -> None:
 
 def _check_widths(owner: str, field: str, widths: Sequence[int]) -> list[int]:
     widths = list(widths)
-    _check(all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths), owner, field, widths,
-           "a sequence of integers >= 1")  # fmt: skip
+    _check(
+        all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths),
+        owner,
+        field,
+        widths,
+        "a sequence of integers >= 1",
+    )
     return widths
 
 
@@ -176,7 +181,9 @@ class MLP(nn.Module):
         if self.flatten:
             x = x.flatten(1)  # (B, ...) -> (B, in_features)
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"MLP: got inputs of {x.shape[-1]} features (shape {tuple(x.shape)}), in_features is {self.in_features}")
+            raise ValueError(
+                f"MLP: got inputs of {x.shape[-1]} features (shape {tuple(x.shape)}), in_features is {self.in_features}"
+            )
         x = self.input_dropout(x)
         for layer in self.hidden:
             x = layer(x)  # (B, width)
@@ -306,8 +313,13 @@ class ConvNet(nn.Module):
         _check(image_size >= 1, "ConvNet", "image_size", image_size, ">= 1")
         n_pools = len(blocks) * layers_per_block // pool_every
         out_size = image_size // 2**n_pools
-        _check(out_size >= 1, "ConvNet", "pool_every", pool_every,
-               f"large enough that {n_pools} 2x2 pools leave something of a {image_size}x{image_size} image")  # fmt: skip
+        _check(
+            out_size >= 1,
+            "ConvNet",
+            "pool_every",
+            pool_every,
+            f"large enough that {n_pools} 2x2 pools leave something of a {image_size}x{image_size} image",
+        )
         self.num_classes = num_classes
         self.input_shape: tuple[int, ...] = (in_channels, image_size, image_size)
 
@@ -402,7 +414,13 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int = 20, num_classes: int = 10, normalize: bool = False):
         super().__init__()
-        _check(depth >= 8 and (depth - 2) % 6 == 0, "CifarResNet", "depth", depth, "6 n + 2 with n >= 1 (20, 32, 44, 56, ...)")
+        _check(
+            depth >= 8 and (depth - 2) % 6 == 0,
+            "CifarResNet",
+            "depth",
+            depth,
+            "6 n + 2 with n >= 1 (20, 32, 44, 56, ...)",
+        )
         _check(num_classes >= 1, "CifarResNet", "num_classes", num_classes, ">= 1")
         n = (depth - 2) // 6
         self.depth, self.num_classes, self.normalize = depth, num_classes, normalize
@@ -423,7 +441,9 @@ class CifarResNet(nn.Module):
 
     @staticmethod
     def _stage(c_in: int, c_out: int, n: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(*(_BasicBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)))
+        return nn.Sequential(
+            *(_BasicBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n))
+        )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize:
@@ -436,7 +456,9 @@ class CifarResNet(nn.Module):
         return self.linear(self.forward_features(x))  # (B, num_classes)
 
     @classmethod
-    def from_legacy_checkpoint(cls, path: str | os.PathLike, depth: int | None = None, *, normalize: bool = True) -> CifarResNet:
+    def from_legacy_checkpoint(
+        cls, path: str | os.PathLike, depth: int | None = None, *, normalize: bool = True
+    ) -> CifarResNet:
         """See :func:`load_legacy_cifar_resnet`."""
         return load_legacy_cifar_resnet(path, depth, normalize=normalize)
 
@@ -465,7 +487,9 @@ def resnet56(**kwargs) -> CifarResNet:
     return CifarResNet(**_preset(dict(depth=56), kwargs))
 
 
-def load_legacy_cifar_resnet(path: str | os.PathLike, depth: int | None = None, *, normalize: bool = True) -> CifarResNet:
+def load_legacy_cifar_resnet(
+    path: str | os.PathLike, depth: int | None = None, *, normalize: bool = True
+) -> CifarResNet:
     """A :class:`CifarResNet` with the weights of an akamaster/pytorch_resnet_cifar10 file (``resnet20-12fca82f.th``:
     ``{'best_prec1', 'state_dict'}`` with keys prefixed ``module.``, as ``nn.DataParallel`` saved them), in eval mode.
 

@@ -191,8 +191,13 @@ class TentAdapter(nn.Module):
         betas = tuple(float(b) for b in betas)
         _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), owner, "betas", betas, "two numbers in [0, 1)")
         _check(weight_decay >= 0, owner, "weight_decay", weight_decay, ">= 0")
-        _check(not (optimizer == "sgd" and nesterov and momentum == 0), owner, "nesterov", nesterov,
-               "False when optimizer='sgd' has momentum 0")  # fmt: skip
+        _check(
+            not (optimizer == "sgd" and nesterov and momentum == 0),
+            owner,
+            "nesterov",
+            nesterov,
+            "False when optimizer='sgd' has momentum 0",
+        )
         _check(train_mode in _TRAIN_MODES, owner, "train_mode", train_mode, "'all' or 'norm'")
         self.model = model
         self.mode, self.steps, self.episodic, self.train_mode = mode, steps, bool(episodic), train_mode
@@ -205,18 +210,27 @@ class TentAdapter(nn.Module):
         has_bn = bool(_batch_norms(model))
         if mode == "norm":
             if not has_bn:
-                warnings.warn(f"{owner}: mode='norm' on a model without BatchNorm changes nothing: its predictions "
-                              "are the source model's", stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"{owner}: mode='norm' on a model without BatchNorm changes nothing: its predictions "
+                    "are the source model's",
+                    stacklevel=2,
+                )
             _use_batch_statistics(model)
         elif mode == "tent":
             params, names = collect_norm_params(model)
-            _check(bool(params), owner, "model", type(model).__name__,
-                   "a model with BatchNorm (or GroupNorm / LayerNorm) affine parameters to adapt")  # fmt: skip
+            _check(
+                bool(params),
+                owner,
+                "model",
+                type(model).__name__,
+                "a model with BatchNorm (or GroupNorm / LayerNorm) affine parameters to adapt",
+            )
             if not has_bn:
                 warnings.warn(
                     f"{owner}: the model has no BatchNorm; adapting the affine parameters of its GroupNorm / LayerNorm "
-                    f"layers instead ({len(names)} tensors), an extension beyond the paper", stacklevel=2
-                )  # fmt: skip
+                    f"layers instead ({len(names)} tensors), an extension beyond the paper",
+                    stacklevel=2,
+                )
             model.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
@@ -225,12 +239,20 @@ class TentAdapter(nn.Module):
                 self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
             else:
                 self.optimizer = torch.optim.SGD(
-                    params, lr=lr, momentum=momentum, dampening=0.0, weight_decay=weight_decay,
+                    params,
+                    lr=lr,
+                    momentum=momentum,
+                    dampening=0.0,
+                    weight_decay=weight_decay,
                     nesterov=nesterov and momentum > 0,
-                )  # fmt: skip
+                )
             self.adapted_names = names
-            log.info("TENT adapts %d parameter tensors (%d values): %s", len(params),
-                     sum(p.numel() for p in params), ", ".join(names))  # fmt: skip
+            log.info(
+                "TENT adapts %d parameter tensors (%d values): %s",
+                len(params),
+                sum(p.numel() for p in params),
+                ", ".join(names),
+            )
             self._source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
         self._apply_modes()
@@ -335,8 +357,9 @@ def load_classifier(
     if text.startswith("robustbench:"):
         from reprozoo.zoo._robustbench import load_robustbench_model
 
-        return load_robustbench_model(text.removeprefix("robustbench:"), robustbench_dataset, robustbench_threat_model,
-                                      robustbench_dir)  # fmt: skip
+        return load_robustbench_model(
+            text.removeprefix("robustbench:"), robustbench_dataset, robustbench_threat_model, robustbench_dir
+        )
     if text in list_weights() or is_card_path(text):  # a zoo name, or the card of a `zoo export`
         module = load_model(text)
         return getattr(module, "net", module)
@@ -355,8 +378,9 @@ def load_classifier(
             return load_wide_resnet_checkpoint(path)
         raise WeightsError(f"{path} holds neither an akamaster CIFAR ResNet nor a RobustBench WideResNet state dict")
     if text in list_nets():
-        warnings.warn(f"load_classifier: {text!r} is a registered net name: it is randomly initialised, not trained",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"load_classifier: {text!r} is a registered net name: it is randomly initialised, not trained", stacklevel=2
+        )
         return create_net(text)
     if path.suffix in {".th", ".pt", ".pth"} or "/" in text:
         raise FileNotFoundError(
@@ -449,11 +473,21 @@ class TentModule(CheckpointGuard, L.LightningModule):
         robustbench_dir: str | None = None,
     ):
         super().__init__()
-        _check(isinstance(model, (nn.Module, str)), "TentModule", "model", model,
-               "an nn.Module, 'robustbench:<name>', a zoo entry, a weights file or a registered net name")  # fmt: skip
+        _check(
+            isinstance(model, (nn.Module, str)),
+            "TentModule",
+            "model",
+            model,
+            "an nn.Module, 'robustbench:<name>', a zoo entry, a weights file or a registered net name",
+        )
         _check(reset in _RESETS, "TentModule", "reset", reset, "'each_domain' or 'never'")
-        _check(domains is None or (len(set(map(str, domains))) == len(domains)), "TentModule", "domains", domains,
-               "None or distinct names")  # fmt: skip
+        _check(
+            domains is None or (len(set(map(str, domains))) == len(domains)),
+            "TentModule",
+            "domains",
+            domains,
+            "None or distinct names",
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters()
@@ -468,11 +502,26 @@ class TentModule(CheckpointGuard, L.LightningModule):
         )
         inferred = _num_classes(net)
         self.num_classes = int(num_classes if num_classes is not None else (inferred or 0))
-        _check(self.num_classes >= 2, "TentModule", "num_classes", num_classes,
-               f"given (>= 2): it cannot be read from the model ({type(net).__name__})")  # fmt: skip
-        self.adapter = TentAdapter(net, mode=mode, lr=lr, steps=steps, episodic=episodic, optimizer=optimizer,
-                                   momentum=momentum, betas=betas, weight_decay=weight_decay, nesterov=nesterov,
-                                   train_mode=train_mode)  # fmt: skip
+        _check(
+            self.num_classes >= 2,
+            "TentModule",
+            "num_classes",
+            num_classes,
+            f"given (>= 2): it cannot be read from the model ({type(net).__name__})",
+        )
+        self.adapter = TentAdapter(
+            net,
+            mode=mode,
+            lr=lr,
+            steps=steps,
+            episodic=episodic,
+            optimizer=optimizer,
+            momentum=momentum,
+            betas=betas,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            train_mode=train_mode,
+        )
         self.domain_metrics = nn.ModuleList()
         self.domain_names: list[str] = []
         self.results: list[dict] = []  # one row per domain after a test run: domain, error, entropy, n
@@ -505,9 +554,12 @@ class TentModule(CheckpointGuard, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.mode == "tent":
-            warn_if_xla(self, "mode='tent' takes its own optimizer step inside every test batch, outside the training "
-                        "loop where Lightning's XLA strategy cuts and runs the graph (modes 'source' and 'norm' "
-                        "are XLA-ready)")  # fmt: skip
+            warn_if_xla(
+                self,
+                "mode='tent' takes its own optimizer step inside every test batch, outside the training "
+                "loop where Lightning's XLA strategy cuts and runs the graph (modes 'source' and 'norm' "
+                "are XLA-ready)",
+            )
 
     def _names_for(self, n: int) -> list[str]:
         given = self.hparams.domains
@@ -544,18 +596,29 @@ class TentModule(CheckpointGuard, L.LightningModule):
         metrics.count.update(torch.tensor(float(len(y)), device=logits.device))
         name, n = self.domain_names[dataloader_idx], len(y)
         common = dict(on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=n)
-        self.log(f"test/error/{name}", metrics.error, metric_attribute=f"domain_metrics.{dataloader_idx}.error",
-                 **common)  # fmt: skip
-        self.log(f"test/entropy/{name}", metrics.entropy, metric_attribute=f"domain_metrics.{dataloader_idx}.entropy",
-                 **common)  # fmt: skip
+        self.log(
+            f"test/error/{name}", metrics.error, metric_attribute=f"domain_metrics.{dataloader_idx}.error", **common
+        )
+        self.log(
+            f"test/entropy/{name}",
+            metrics.entropy,
+            metric_attribute=f"domain_metrics.{dataloader_idx}.entropy",
+            **common,
+        )
 
     def on_test_epoch_end(self) -> None:
         rows = []
         for name, metrics in zip(self.domain_names, self.domain_metrics):
             if metrics.count.update_count == 0:
                 continue  # an empty dataloader
-            rows.append({"domain": name, "error": float(metrics.error.compute()),
-                         "entropy": float(metrics.entropy.compute()), "n": int(metrics.count.compute())})  # fmt: skip
+            rows.append(
+                {
+                    "domain": name,
+                    "error": float(metrics.error.compute()),
+                    "entropy": float(metrics.entropy.compute()),
+                    "n": int(metrics.count.compute()),
+                }
+            )
         self.results = rows
         if not rows:
             return
@@ -573,8 +636,12 @@ class TentModule(CheckpointGuard, L.LightningModule):
         """The per-domain table (error in %), with the mean as the last row."""
         rows = self.results if rows is None else rows
         hp = self.hparams
-        lines = [f"TENT test-time adaptation: mode={hp.mode}, reset={hp.reset}, episodic={hp.episodic}", "",
-                 "| domain | error (%) | entropy | n |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+        lines = [
+            f"TENT test-time adaptation: mode={hp.mode}, reset={hp.reset}, episodic={hp.episodic}",
+            "",
+            "| domain | error (%) | entropy | n |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         lines += [f"| {r['domain']} | {100 * r['error']:.2f} | {r['entropy']:.4f} | {r['n']} |" for r in rows]
         if rows:
             mean_error = sum(r["error"] for r in rows) / len(rows)
@@ -643,6 +710,6 @@ class TentModule(CheckpointGuard, L.LightningModule):
         raise RuntimeError("TentModule does not train: it adapts at test time; run trainer.test(...)")
 
     def configure_optimizers(self):
-        raise RuntimeError("TentModule does not train (the adapter owns its optimizer): run trainer.test(...), "
-                           "not trainer.fit(...)")  # fmt: skip
-
+        raise RuntimeError(
+            "TentModule does not train (the adapter owns its optimizer): run trainer.test(...), not trainer.fit(...)"
+        )

@@ -313,12 +313,19 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         for field, value in {"lr": lr, "puzzle_emb_lr": puzzle_emb_lr, "expansion": expansion}.items():
             if not value > 0:
                 raise ValueError(f"TRMModule: {field} must be > 0, got {value}")
-        for field, value in {"weight_decay": weight_decay, "puzzle_emb_weight_decay": puzzle_emb_weight_decay,
-                             "warmup_steps": warmup_steps, "halt_loss_weight": halt_loss_weight}.items():  # fmt: skip
+        for field, value in {
+            "weight_decay": weight_decay,
+            "puzzle_emb_weight_decay": puzzle_emb_weight_decay,
+            "warmup_steps": warmup_steps,
+            "halt_loss_weight": halt_loss_weight,
+        }.items():
             if not value >= 0:
                 raise ValueError(f"TRMModule: {field} must be >= 0, got {value}")
-        for field, value, choices in (("loss", loss, ("stablemax", "softmax")), ("mixer", mixer, ("mlp", "attention")),
-                                      ("eval_select", eval_select, ("confidence", "vote"))):  # fmt: skip
+        for field, value, choices in (
+            ("loss", loss, ("stablemax", "softmax")),
+            ("mixer", mixer, ("mlp", "attention")),
+            ("eval_select", eval_select, ("confidence", "vote")),
+        ):
             if value not in choices:
                 raise ValueError(f"TRMModule: {field} must be one of {', '.join(choices)}, got {value!r}")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
@@ -417,9 +424,12 @@ class TRMModule(CheckpointGuard, L.LightningModule):
                 category=UserWarning,
                 module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
             )
-        warn_if_xla(self, "deep supervision decides on the host after every supervision step whether any sample is "
-                    "still active (a device-to-host read and a new graph per step), takes several optimizer steps "
-                    "per batch by hand, and computes the stablemax loss in float64")  # fmt: skip
+        warn_if_xla(
+            self,
+            "deep supervision decides on the host after every supervision step whether any sample is "
+            "still active (a device-to-host read and a new graph per step), takes several optimizer steps "
+            "per batch by hand, and computes the stablemax loss in float64",
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         inputs, labels, ids = self._unpack(batch)
@@ -429,7 +439,9 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         y, z = self.net.initial_state(b)
         # Official exploration rule: some samples must run a random minimum number of steps before halting.
         explore = torch.rand(b, generator=self._rng) < self.hparams.halt_exploration_prob
-        drawn = torch.randint(2, n_sup + 1, (b,), generator=self._rng) if n_sup >= 2 else torch.ones(b, dtype=torch.long)
+        drawn = (
+            torch.randint(2, n_sup + 1, (b,), generator=self._rng) if n_sup >= 2 else torch.ones(b, dtype=torch.long)
+        )
         min_steps = torch.where(explore, drawn, 0).to(inputs.device)
         # The whole batch goes through every step (static shapes, as the official fixed-size batch); halted
         # samples just stop contributing to the loss. The loop ends when no sample is active on any process, so
@@ -522,7 +534,9 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         return y, z, logits, q_halt
 
     @torch.no_grad()
-    def predict_tokens(self, inputs: torch.Tensor, ids: torch.Tensor | None = None, n_sup: int | None = None, k: int | None = None):
+    def predict_tokens(
+        self, inputs: torch.Tensor, ids: torch.Tensor | None = None, n_sup: int | None = None, k: int | None = None
+    ):
         """Predicted tokens (B, L) and halting confidence (B,), with the EMA weights, best-of-k if k > 1."""
         net, n_sup = self.eval_net, n_sup or self.hparams.n_sup_eval or self.hparams.n_sup
         k = k or self.hparams.eval_k
@@ -556,7 +570,11 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         scores.exact.update(exact)
         scores.cell.update(((pred == labels) & mask).sum(-1) / mask.sum(-1).clamp_min(1))
         scores.halt.update(((confidence > 0.5).float() == exact).float())
-        logged = {f"{prefix}/exact_acc": scores.exact, f"{prefix}/cell_acc": scores.cell, f"{prefix}/halt_acc": scores.halt}
+        logged = {
+            f"{prefix}/exact_acc": scores.exact,
+            f"{prefix}/cell_acc": scores.cell,
+            f"{prefix}/halt_acc": scores.halt,
+        }
         if self.hparams.log_alignment and self.hparams.eval_k == 1:
             y2, _, logits2, _ = self._run(self.eval_net, inputs, ids, n_sup, y, z)
             scores.align_cos.update(F.cosine_similarity(y.flatten(1), y2.flatten(1), dim=1))
@@ -725,4 +743,3 @@ def _vote(candidates: torch.Tensor, confidence: torch.Tensor) -> int:
     top = max(counts.values())
     tied = [i for i, key in enumerate(keys) if counts[key] == top]
     return max(tied, key=lambda i: confidence[i].item())
-

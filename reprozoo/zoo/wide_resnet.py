@@ -66,8 +66,9 @@ class _WideStage(nn.Module):
 
     def __init__(self, n: int, c_in: int, c_out: int, stride: int, dropout: float):
         super().__init__()
-        self.layer = nn.Sequential(*(_WideUnit(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, dropout)
-                                     for i in range(n)))  # fmt: skip
+        self.layer = nn.Sequential(
+            *(_WideUnit(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1, dropout) for i in range(n))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -90,8 +91,14 @@ class WideResNet(nn.Module):
         bias_last: the head has a bias (RobustBench's default).
     """
 
-    def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, dropout: float = 0.0,
-                 bias_last: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        depth: int = 28,
+        widen_factor: int = 10,
+        num_classes: int = 10,
+        dropout: float = 0.0,
+        bias_last: bool = True,
+    ):
         super().__init__()
         _check(depth >= 10 and (depth - 4) % 6 == 0, "depth", depth, "6 n + 4 with n >= 1 (16, 22, 28, 34, 40, ...)")
         _check(isinstance(widen_factor, int) and widen_factor >= 1, "widen_factor", widen_factor, "an integer >= 1")
