@@ -32,7 +32,7 @@ def shown(path: Path) -> str:
 def stop_missing_data(script: str, files: Iterable[str], folder: Path, *, other_fix: str = "") -> NoReturn:
     """Stop at once (exit status 2, one line on stderr, no traceback): ``files`` are not in ``folder``; the message
     says how to point the script at them, and ``other_fix`` (e.g. ``"run with --download"``) when there is one."""
-    fixes = ["set REPROZOO_DATA to the data root that holds them (README, Data)", "pass --data-dir DIR"]
+    fixes = ["set REPROZOO_DATA to the data root that holds them (docs/data.md)", "pass --data-dir DIR"]
     fixes += [other_fix] if other_fix else []
     how = ", ".join(fixes[:-1]) + f" or {fixes[-1]}"
     print(f"{script}: {MISSING_DATA} {', '.join(files)} not found in {folder}; {how}", file=sys.stderr)

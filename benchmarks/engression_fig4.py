@@ -31,7 +31,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     from reprozoo.datamodules import SyntheticRegressionDataModule
-    from reprozoo.zoo.engression import EngressionRegressor
+    from reprozoo.methods.engression import EngressionRegressor
 
     torch.set_num_threads(1)
     L.seed_everything(job["seed"], verbose=False)

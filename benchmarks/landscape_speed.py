@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from reprozoo._files import data_path, data_root
 from reprozoo.callbacks import LossLandscape
 from reprozoo.callbacks.landscape import random_directions
-from reprozoo.zoo.classifier import ClassifierModule
-from reprozoo.zoo.nets import MLP, ConvNet
+from reprozoo.methods.classifier import ClassifierModule
+from reprozoo.nets import MLP, ConvNet
 
 NPZ = "test_jpeg_q75.npz"
 

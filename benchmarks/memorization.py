@@ -55,6 +55,8 @@ def run_setting(config: str, args: argparse.Namespace, work: Path) -> dict:
     argv = [
         "fit",
         "--config",
+        str(ROOT / "configs" / "memorization" / "base.yaml"),  # the shared settings, then the setting's
+        "--config",
         str(ROOT / "configs" / "memorization" / f"{config}.yaml"),
         "--trainer.logger.init_args.save_dir",
         str(work),

@@ -27,7 +27,7 @@ from _common import MNIST_TEST_FILES, ROOT, missing_idx_files, quiet_lightning, 
 from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.datamodules import FashionMNISTDataModule
 from reprozoo.datamodules.rings import ConcentricRingsDataModule
-from reprozoo.zoo.nca import NCAModule, knn_predict, nca_loss, pca_directions
+from reprozoo.methods.nca import NCAModule, knn_predict, nca_loss, pca_directions
 
 
 def _trainer(epochs: int) -> L.Trainer:

@@ -50,6 +50,8 @@ def run(variant: str, args: argparse.Namespace, work: Path) -> dict:
     argv = [
         "fit",
         "--config",
+        str(ROOT / "configs" / "regularization" / "base.yaml"),  # the shared settings, then the variant's
+        "--config",
         str(ROOT / "configs" / "regularization" / f"{variant}.yaml"),
         "--data.init_args.dataset",
         args.dataset,

@@ -6,7 +6,7 @@ alone); its printed tables are collected into ``benchmarks/REPORT.md`` with the 
 the wall time of each. A benchmark that fails is reported as failed with the end of its output, and the others
 still run; the exit status is non-zero when any failed.
 
-Real data comes from the data root, ``$REPROZOO_DATA`` (default ``~/.cache/reprozoo/data``; see README, Data),
+Real data comes from the data root, ``$REPROZOO_DATA`` (default ``~/.cache/reprozoo/data``; see docs/data.md),
 passed on to every benchmark (as an absolute path). A benchmark whose data is not there stops with a one-line
 ``missing data:`` message (exit status 2); it is reported as skipped with that reason, and does not make the exit
 status non-zero, unless ``REPROZOO_REQUIRE_DATA=1`` (as in CI) makes a skip a failure.

@@ -28,9 +28,9 @@ from _common import ROOT, quiet_lightning, shown, stop_missing_data
 
 from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.datamodules.cifar10c import CIFAR10CDataModule
-from reprozoo.datamodules.corruptions import available_corruptions
-from reprozoo.zoo.nets import load_legacy_cifar_resnet
-from reprozoo.zoo.tent import TentModule
+from reprozoo.methods.tent import TentModule
+from reprozoo.nets import load_legacy_cifar_resnet
+from reprozoo.transforms.corruptions import available_corruptions
 
 MODES = ("source", "norm", "tent")
 

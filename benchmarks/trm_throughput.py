@@ -21,8 +21,8 @@ import sys
 import time
 
 SIZES = {
-    "official": dict(hidden_size=512, n=6, T=3),  # 5,028,866 parameters
-    "tiny": dict(hidden_size=64, expansion=4.0, puzzle_emb_ndim=64, n=2, T=2),
+    "official": dict(net=dict(hidden_size=512), n=6, T=3),  # 5,028,866 parameters
+    "tiny": dict(net=dict(hidden_size=64, expansion=4.0, puzzle_emb_ndim=64), n=2, T=2),
 }
 
 
@@ -54,11 +54,14 @@ def measure(setting: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from reprozoo.zoo.trm import TRMModule
+    from reprozoo.methods.trm import TRMModule
+    from reprozoo.nets import TinyRecursiveNetwork
 
     device, batch, steps = setting["device"], setting["batch"], setting["steps"]
     torch.manual_seed(0)
-    model = TRMModule(**SIZES[setting["size"]], n_sup=1, warmup_steps=1, halt_exploration_prob=0.0).to(device)
+    size = dict(SIZES[setting["size"]])
+    net = TinyRecursiveNetwork(**size.pop("net"))
+    model = TRMModule(net, **size, n_sup=1, warmup_steps=1, halt_exploration_prob=0.0).to(device)
     if setting["compile"]:
         model.net.f = torch.compile(model.net.f)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1.0)

@@ -9,6 +9,10 @@ import tempfile
 from pathlib import Path
 
 
+class WeightsError(RuntimeError):
+    """A zoo entry or weights file could not be found, fetched, verified or loaded."""
+
+
 def cache_dir() -> Path:
     """``$REPROZOO_CACHE``, default ``~/.cache/reprozoo``: zoo weights and downloaded or generated data."""
     return Path(os.environ.get("REPROZOO_CACHE") or Path.home() / ".cache" / "reprozoo")

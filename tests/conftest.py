@@ -20,7 +20,7 @@ def _isolated_roots(tmp_path, monkeypatch):
 
 
 def real_data(*parts: str) -> Path:
-    """``$REPROZOO_DATA/<parts>`` of the real data (see README, "Data"), read in place. Where the variable is unset
+    """``$REPROZOO_DATA/<parts>`` of the real data (see docs/data.md), read in place. Where the variable is unset
     or the file is missing the test is skipped with a one-line reason, unless ``REPROZOO_REQUIRE_DATA=1`` (CI),
     where that is a failure: CI cannot go green by skipping."""
     name = "/".join(parts) or "."

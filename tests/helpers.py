@@ -4,7 +4,7 @@ import lightning as L
 import torch
 
 from reprozoo.datamodules import SyntheticRegressionDataModule
-from reprozoo.zoo.engression import EngressionRegressor
+from reprozoo.methods.engression import EngressionRegressor
 
 
 def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
@@ -53,3 +53,8 @@ class TinyClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def trm_net(**init_args) -> dict:
+    """A TinyRecursiveNetwork as TRMModule's ``net`` in config form (a fresh network for every module built)."""
+    return {"class_path": "reprozoo.nets.TinyRecursiveNetwork", "init_args": init_args}

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from reprozoo._checks import RECORD_KEY, CheckpointError
 from reprozoo.cli import main, run_lightning
 from reprozoo.datamodules import (
     AnimalFacesDataModule,
@@ -32,21 +33,23 @@ from reprozoo.datamodules import (
     SudokuExtremeDataModule,
     SyntheticRegressionDataModule,
 )
+from reprozoo.methods.classifier import ClassifierModule
+from reprozoo.methods.distillation import DistillationModule
+from reprozoo.methods.engression import EngressionRegressor
+from reprozoo.methods.nca import NCAModule
+from reprozoo.methods.tent import TentAdapter, TentModule
+from reprozoo.methods.trm import TRMModule
+from reprozoo.nets import MLP, TinyRecursiveNetwork
 from reprozoo.zoo import registry
-from reprozoo.zoo._checks import RECORD_KEY, CheckpointError
-from reprozoo.zoo.classifier import ClassifierModule
-from reprozoo.zoo.distillation import DistillationModule
-from reprozoo.zoo.engression import EngressionRegressor
-from reprozoo.zoo.nca import NCAModule
-from reprozoo.zoo.nets import MLP
 from reprozoo.zoo.registry import WeightsError, load_model
-from reprozoo.zoo.tent import TentAdapter, TentModule
-from reprozoo.zoo.trm import TRMModule
 from tests.conftest import ROOT, real_data
-from tests.helpers import tiny_data, tiny_engression, tiny_trainer
+from tests.helpers import tiny_data, tiny_engression, tiny_trainer, trm_net
+from tests.test_configs import config_args
 
 NOPE = "nope_none.missing"  # a zoo name that does not exist
-TRM_TINY = dict(hidden_size=16, expansion=1.0, puzzle_emb_ndim=16, n=1, T=1, n_sup=2, warmup_steps=1, lr=1e-3)
+TRM_TINY = dict(
+    net=trm_net(hidden_size=16, expansion=1.0, puzzle_emb_ndim=16), n=1, T=1, n_sup=2, warmup_steps=1, lr=1e-3
+)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -159,8 +162,8 @@ CONFIG_ERRORS = [
     ("engression/quickstart", ["--data.init_args.n_trian", "5"], ["n_trian"]),
     ("engression/quickstart", ["--trainerr.max_epochs", "5"], ["--trainerr.max_epochs"]),
     ("engression/quickstart", ["--checkpoint.monitr", "val/crps"], ["--checkpoint.monitr"]),
-    ("engression/quickstart", ["--model", "reprozoo.zoo.engression.EngresionRegressor"], ["EngresionRegressor"]),
-    ("trm/sudoku_generated_cpu", ["--model.init_args.mixer", "mlpp"], ["mixer", "mlpp"]),
+    ("engression/quickstart", ["--model", "reprozoo.methods.engression.EngresionRegressor"], ["EngresionRegressor"]),
+    ("trm/sudoku_generated_cpu", ["--model.init_args.net.init_args.mixer", "mlpp"], ["mixer", "mlpp"]),
     ("trm/sudoku_generated_cpu", ["--data.init_args.source", "csvv"], ["source", "csvv"]),
     ("nca/rings", ["--model.init_args.init", "pcaa"], ["init", "pcaa"]),
     ("distillation/distilled", ["--model.init_args.temprature", "3"], ["temprature"]),
@@ -172,7 +175,7 @@ CONFIG_ERRORS = [
 
 @pytest.mark.parametrize("config, extra, names", CONFIG_ERRORS, ids=[f"{c}:{e[0]}" for c, e, _ in CONFIG_ERRORS])
 def test_unknown_or_mistyped_key_or_value_names_it(config, extra, names, work, capsys):
-    err = cli_exit(["fit", "--config", f"configs/{config}.yaml", *extra], capsys)
+    err = cli_exit(["fit", *config_args(f"configs/{config}.yaml"), *extra], capsys)
     assert all(name in err for name in names), err[-1500:]
 
 
@@ -217,7 +220,9 @@ OUT_OF_RANGE = [
     (TRMModule, dict(lr=-1e-4), "TRMModule: lr must"),
     (TRMModule, dict(halt_exploration_prob=1.5), "TRMModule: halt_exploration_prob must"),
     (TRMModule, dict(curriculum=[[0, 1]]), "TRMModule: curriculum must"),
-    (TRMModule, dict(mixer="conv"), "TRMModule: mixer must"),
+    (TinyRecursiveNetwork, dict(mixer="conv"), "TinyRecursiveNetwork: mixer must"),
+    (TinyRecursiveNetwork, dict(hidden_size=0), "TinyRecursiveNetwork: hidden_size must"),
+    (TRMModule, dict(net=torch.nn.Linear(2, 2)), "TRMModule: net must"),
     (TRMModule, dict(warmup_steps=-1), "TRMModule: warmup_steps must"),
     (NCAModule, dict(in_dim=3, k=[0]), "NCAModule: k must"),
     (NCAModule, dict(in_dim=3, k=[]), "NCAModule: k must"),
@@ -295,7 +300,7 @@ def test_out_of_range_option_names_class_field_and_value(cls, kwargs, message):
 )
 def test_out_of_range_option_from_the_cli(config, extra, message, work):
     with pytest.raises(ValueError, match=message):
-        run_lightning(["fit", "--config", f"configs/{config}.yaml", *extra])
+        run_lightning(["fit", *config_args(f"configs/{config}.yaml"), *extra])
     assert sorted(p.name for p in work.iterdir()) == ["configs"]  # the run stopped while building: nothing written
 
 
@@ -757,7 +762,7 @@ def test_checkpoint_of_another_method_from_the_cli(ckpts, work):
                 str(ckpts["engression"]),
             ]
         )
-    assert "written by reprozoo.zoo.engression.EngressionRegressor, but NCAModule" in str(info.value)
+    assert "written by reprozoo.methods.engression.EngressionRegressor, but NCAModule" in str(info.value)
 
 
 def test_checkpoint_without_a_record_is_compared_by_its_weights(ckpts, tmp_path):
@@ -853,11 +858,15 @@ def test_damaged_cached_zoo_file_is_refused_and_kept(private_registry, tmp_path)
 
 def test_zoo_file_of_another_method_is_refused(private_registry):
     card = json.loads((private_registry / "nca_linear.rings.json").read_text())
-    card.update(name="engression_fake.rings", module="reprozoo.zoo.engression.EngressionRegressor")
+    card.update(name="engression_fake.rings", module="reprozoo.methods.engression.EngressionRegressor")
     registry.register_weights(registry.WeightsEntry.from_card(card))
-    with pytest.raises(WeightsError, match="holds a reprozoo.zoo.nca.NCAModule, but zoo entry 'engression_fake.rings'"):
+    with pytest.raises(
+        WeightsError, match="holds a reprozoo.methods.nca.NCAModule, but zoo entry 'engression_fake.rings'"
+    ):
         load_model("engression_fake.rings")
-    with pytest.raises(WeightsError, match="zoo entry 'nca_linear.rings' holds a reprozoo.zoo.nca.NCAModule, not a"):
+    with pytest.raises(
+        WeightsError, match="zoo entry 'nca_linear.rings' holds a reprozoo.methods.nca.NCAModule, not a"
+    ):
         EngressionRegressor(weights="nca_linear.rings")
 
 

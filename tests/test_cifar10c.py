@@ -15,9 +15,12 @@ import torchvision.datasets
 from PIL import Image
 
 import reprozoo.datamodules.cifar10c as cifar10c
+import reprozoo.datamodules.cifar10c_files as cifar10c_files
 from reprozoo.datamodules import CIFAR10CDataModule
-from reprozoo.datamodules import corruptions as C
-from reprozoo.datamodules.cifar10c import CIFAR10C_MD5, CIFAR10C_URL, CIFAR10CDataset, generation_key
+from reprozoo.datamodules.cifar10c import CIFAR10CDataset
+from reprozoo.datamodules.cifar10c_files import CIFAR10C_MD5, CIFAR10C_URL, generation_key
+from reprozoo.transforms import _image_ops as ops
+from reprozoo.transforms import corruptions as C
 from tests.conftest import real_data
 from tests.helpers import tiny_trainer
 
@@ -418,25 +421,25 @@ def test_glass_blur_copies_as_the_script_s_numpy_swap_does(images):
     out = C.corrupt(images[:2], "glass_blur", 5, seed=4)
     for k in range(2):
         rng = C.image_rng(4, "glass_blur", 5, k)
-        x = C._to_uint8(C._gaussian(images[k][None] / 255.0, c[0]) * 255)[0]
+        x = ops.to_uint8(ops.gaussian(images[k][None] / 255.0, c[0]) * 255)[0]
         for _ in range(c[2]):
             shifts = rng.integers(-c[1], c[1], size=(30, 30, 2))
             for h in range(32 - c[1], c[1], -1):
                 for w in range(32 - c[1], c[1], -1):
                     dx, dy = shifts[h - 2, w - 2]
                     x[h, w], x[h + dy, w + dx] = x[h + dy, w + dx], x[h, w]
-        expected = C._to_uint8(np.clip(C._gaussian(x[None] / 255.0, c[0]), 0, 1) * 255)[0]
+        expected = ops.to_uint8(np.clip(ops.gaussian(x[None] / 255.0, c[0]), 0, 1) * 255)[0]
         assert np.array_equal(out[k], expected)
 
 
 def test_motion_blur_kernel_follows_imagemagick():
     flat = np.full((2, 32, 32, 3), 77, np.uint8)
-    assert np.array_equal(C._motion_blur(flat, 9, 2.5, np.array([10.0, -40.0])), flat)  # weights sum to 1
+    assert np.array_equal(ops.motion_blur(flat, 9, 2.5, np.array([10.0, -40.0])), flat)  # weights sum to 1
     dot = np.zeros((1, 32, 32), np.uint8)
     dot[0, 16, 16] = 255
-    right = C._motion_blur(dot, 6, 2, np.array([0.0]))[0]  # angle 0: the pixel takes from its right
+    right = ops.motion_blur(dot, 6, 2, np.array([0.0]))[0]  # angle 0: the pixel takes from its right
     assert right[16, 16] > right[16, 15] > right[16, 14] > 0 and right[16, 17] == 0 and right[15].sum() == 0
-    down = C._motion_blur(dot, 6, 2, np.array([90.0]))[0]  # angle 90: from below (image rows grow downwards)
+    down = ops.motion_blur(dot, 6, 2, np.array([90.0]))[0]  # angle 90: from below (image rows grow downwards)
     assert down[15, 16] > 0 and down[17, 16] == 0 and down[16, 15] == 0
 
 
@@ -509,7 +512,7 @@ def test_generate_from_the_real_shared_images_and_reuse_the_cache(tmp_path, monk
     assert not np.array_equal(np.load(new / "gaussian_noise-s5.npy"), grown[:200])
     assert np.array_equal(np.load(new / "contrast-s5.npy"), np.load(folder / "contrast-s5.npy"))  # no randomness
 
-    monkeypatch.setattr(cifar10c, "CORRUPTIONS_VERSION", "a changed corruption code")
+    monkeypatch.setattr(cifar10c_files, "CORRUPTIONS_VERSION", "a changed corruption code")
     assert generation_key(sha, 0) != folder.name  # a new code version never reuses the old cache
 
 

@@ -8,9 +8,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from reprozoo.cli import run_lightning
+from reprozoo.methods.classifier import ClassifierModule
+from reprozoo.nets import MLP
 from reprozoo.zoo import registry
-from reprozoo.zoo.classifier import ClassifierModule
-from reprozoo.zoo.nets import MLP
 from tests.conftest import ROOT
 from tests.helpers import tiny_trainer
 from tests.test_animal_faces import make_afhq
@@ -226,7 +226,7 @@ def test_checkpoint_of_a_python_net_needs_the_net_again(tmp_path):
 def _afhq_args(data_dir) -> list[str]:
     return [
         "--model",
-        "reprozoo.zoo.classifier.ClassifierModule",
+        "reprozoo.methods.classifier.ClassifierModule",
         "--data",
         "reprozoo.datamodules.AnimalFacesDataModule",
         "--data.data_dir",
@@ -248,7 +248,7 @@ def _afhq_args(data_dir) -> list[str]:
 def test_cli_fit_then_load_from_checkpoint_without_arguments(tmp_path):
     """A net given by class_path on the command line is recorded in the checkpoint's hyperparameters."""
     make_afhq(tmp_path / "data", n_train=4, n_val=2)
-    net = '{"class_path": "reprozoo.zoo.nets.MLP", "init_args": {"in_features": 192, "num_classes": 3, "hidden": [16], "max_norm": 3.0}}'
+    net = '{"class_path": "reprozoo.nets.MLP", "init_args": {"in_features": 192, "num_classes": 3, "hidden": [16], "max_norm": 3.0}}'
     args = [
         "fit",
         *_afhq_args(tmp_path / "data"),
@@ -273,7 +273,7 @@ def test_cli_fit_then_load_from_checkpoint_without_arguments(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert saved["hyper_parameters"]["net"]["class_path"] == "reprozoo.zoo.nets.MLP"
+    assert saved["hyper_parameters"]["net"]["class_path"] == "reprozoo.nets.MLP"
     model = ClassifierModule.load_from_checkpoint(ckpt)
     assert isinstance(model.net, MLP) and model.net.max_norm == 3.0 and model.hparams.l2 == 0.001
     for key, value in model.state_dict().items():

@@ -9,6 +9,7 @@ import torch
 from reprozoo.cli import main, run_lightning
 from reprozoo.zoo import registry
 from tests.conftest import ROOT
+from tests.test_configs import EXPERIMENTS, config_args
 
 TINY = [
     "--trainer.max_epochs",
@@ -26,7 +27,7 @@ TINY = [
     "--data.init_args.batch_size",
     "100",
 ]
-CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)
+CONFIGS = sorted(EXPERIMENTS)  # every experiment config (run with its base: config_args), not bases or presets
 
 
 def _cli(*args, cwd):
@@ -80,7 +81,7 @@ def test_zoo_export_from_cli_checkpoint(fitted, tmp_path, capsys):
     code = main(["zoo", *args])
     assert code == 0, capsys.readouterr().err
     card = json.loads((tmp_path / "engression_cli.tiny.json").read_text())
-    assert card["module"] == "reprozoo.zoo.engression.EngressionRegressor"  # read from the checkpoint
+    assert card["module"] == "reprozoo.methods.engression.EngressionRegressor"  # read from the checkpoint
     assert card["metrics"] == {"test/crps": 0.4}
     assert card["hparams"]["hidden_dim"] == 100 and card["hparams"]["weights"] is None
     assert main(["zoo", "export", str(ckpt), "--name", "bad name", "--out", str(tmp_path)]) == 2
@@ -109,7 +110,7 @@ def test_console_script_is_installed():
 @pytest.mark.parametrize("preset", [None, "cpu", "gpu", "multi_gpu", "tpu"])
 def test_every_config_parses_and_composes_with_presets(config, preset, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    args = ["fit"] + (["--config", f"configs/trainer/{preset}.yaml"] if preset else []) + ["--config", config]
+    args = ["fit"] + (["--config", f"configs/trainer/{preset}.yaml"] if preset else []) + config_args(config)
     with pytest.raises(SystemExit) as info:
         run_lightning(args + ["--print_config"])
     assert info.value.code == 0

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reprozoo.datamodules import FashionMNISTDataModule
-from reprozoo.zoo.distillation import DistillationModule, distillation_loss, load_teacher
-from reprozoo.zoo.nets import MLP
+from reprozoo.methods.distillation import DistillationModule, distillation_loss, load_teacher
+from reprozoo.nets import MLP
 from reprozoo.zoo.registry import WeightsError
 from tests.conftest import real_data
 
@@ -236,7 +236,7 @@ def test_teacher_from_a_cli_checkpoint_and_errors(tmp_path):
             [
                 "fit",
                 "--model",
-                "reprozoo.zoo.classifier.ClassifierModule",
+                "reprozoo.methods.classifier.ClassifierModule",
                 "--model.net",
                 "mlp_fmnist",
                 "--data",
@@ -289,7 +289,7 @@ def test_ddp_two_processes_train(tmp_path):
 
 
 def test_a_small_cnn_student_learns_from_an_mlp_teacher(tmp_path):
-    from reprozoo.zoo.nets import ConvNet
+    from reprozoo.nets import ConvNet
 
     torch.manual_seed(0)
     student = ConvNet(

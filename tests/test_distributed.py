@@ -34,6 +34,8 @@ from torch import nn
 
 from reprozoo.cli import run_lightning
 from tests.conftest import ROOT, real_data
+from tests.helpers import trm_net
+from tests.test_configs import config_args
 
 pytestmark = [
     pytest.mark.slow,  # every test starts 2 processes through the real CLI
@@ -99,8 +101,7 @@ class Run:
         """The same config and sizes run by the real CLI in this process, on one device, from last.ckpt."""
         args = [
             subcommand,
-            "--config",
-            str(ROOT / self.config),
+            *config_args(ROOT / self.config),  # with its base
             *self.shrink,
             *ONE,
             *extra,
@@ -132,8 +133,7 @@ def _ddp(factory, name: str, subcommand: str, config: str, shrink: list[str], *e
         sys.executable,
         str(ROOT / "cli.py"),
         subcommand,
-        "--config",
-        config,
+        *config_args(config),  # with its base
         *shrink,
         *DDP,
         *extra,
@@ -346,7 +346,7 @@ def classifier_run(tmp_path_factory):
 
 def test_classifier_and_both_callbacks_ddp(classifier_run, tmp_path):
     from reprozoo.callbacks import LossLandscape, load_landscape
-    from reprozoo.zoo.classifier import ClassifierModule
+    from reprozoo.methods.classifier import ClassifierModule
 
     run = classifier_run
     landscape = {f"loss_landscape/epoch_1{end}" for end in (".npz", "_contour.png", "_surface.png")}
@@ -511,40 +511,40 @@ def test_tent_mode_ddp_runs_and_logs(tent_run):
 
 
 def _trm():
-    from reprozoo.zoo.trm import TRMModule
+    from reprozoo.methods.trm import TRMModule
 
-    return TRMModule(hidden_size=16, puzzle_emb_ndim=0, n=1, T=1, n_sup=1, expansion=1.0)
+    return TRMModule(net=trm_net(hidden_size=16, puzzle_emb_ndim=0, expansion=1.0), n=1, T=1, n_sup=1)
 
 
 def _nca():
-    from reprozoo.zoo.nca import NCAModule
+    from reprozoo.methods.nca import NCAModule
 
     return NCAModule(in_dim=3)
 
 
 def _distillation(cache: bool):
-    from reprozoo.zoo.distillation import DistillationModule
-    from reprozoo.zoo.nets import MLP
+    from reprozoo.methods.distillation import DistillationModule
+    from reprozoo.nets import MLP
 
     return lambda: DistillationModule(MLP(4, 3, hidden=[8]), teacher=MLP(4, 3, hidden=[8]), cache_teacher=cache)
 
 
 def _tent(mode: str):
-    from reprozoo.zoo.tent import TentModule
+    from reprozoo.methods.tent import TentModule
 
     net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     return lambda: TentModule(net, mode=mode)
 
 
 def _classifier():
-    from reprozoo.zoo.classifier import ClassifierModule
-    from reprozoo.zoo.nets import MLP
+    from reprozoo.methods.classifier import ClassifierModule
+    from reprozoo.nets import MLP
 
     return ClassifierModule(MLP(4, 3, hidden=[8]))
 
 
 def _engression():
-    from reprozoo.zoo.engression import EngressionRegressor
+    from reprozoo.methods.engression import EngressionRegressor
 
     return EngressionRegressor(hidden_dim=8, noise_dim=2)
 
@@ -575,7 +575,7 @@ def _set_up(make, stage: str) -> None:
 @pytest.fixture
 def fake_xla(monkeypatch):
     """The CPU accelerator passes for an XLA one in the methods' start-up check (torch_xla is not installed)."""
-    from reprozoo.zoo import _xla
+    from reprozoo import _xla
 
     monkeypatch.setattr(_xla, "XLAAccelerator", CPUAccelerator)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from reprozoo.zoo.engression import _energy_terms, energy_score
+from reprozoo.methods.engression import _energy_terms, energy_score
 
 
 def _energy_score_numpy(y, samples, beta):

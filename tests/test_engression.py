@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from reprozoo.zoo.engression import EngressionRegressor
-from reprozoo.zoo.networks import StochasticMLP
+from reprozoo.methods.engression import EngressionRegressor
+from reprozoo.nets.stochastic_mlp import StochasticMLP
 from tests.helpers import tiny_data, tiny_engression, tiny_trainer
 
 
@@ -31,7 +31,7 @@ def test_generator_is_stochastic_and_baseline_is_not():
 
 @pytest.mark.parametrize("noise_type", ["normal", "uniform"])
 def test_noise_type_and_scale(noise_type):
-    from reprozoo.zoo.networks import _draw_noise
+    from reprozoo.nets.stochastic_mlp import _draw_noise
 
     eps = _draw_noise(200_000, 1, noise_type, 2.0, torch.empty(0))
     assert eps.std().item() == pytest.approx(2.0, rel=0.02)

@@ -13,6 +13,7 @@ import torch
 from reprozoo.callbacks import FrobeniusNormMonitor, LossLandscape, load_landscape
 from reprozoo.cli import run_lightning
 from tests.conftest import real_data
+from tests.test_configs import config_args
 
 pytestmark = pytest.mark.slow  # experiment configs run end to end through the CLI
 
@@ -23,8 +24,7 @@ def _run(tmp_path, config: str, *extra: str):
     data_dir = real_data("afhq").parent
     argv = [
         "fit",
-        "--config",
-        str(CONFIGS / f"{config}.yaml"),
+        *config_args(CONFIGS / f"{config}.yaml"),  # with its base
         "--data.init_args.data_dir",
         str(data_dir),
         "--data.init_args.num_train",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reprozoo.datamodules.rings import ConcentricRingsDataModule, make_rings
-from reprozoo.zoo.nca import NCAModule, knn_predict, lda_directions, nca_log_p, nca_loss, pca_directions
+from reprozoo.methods.nca import NCAModule, knn_predict, lda_directions, nca_log_p, nca_loss, pca_directions
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
 
@@ -139,7 +139,7 @@ def test_standardisation_is_in_the_checkpoint_and_errors(tmp_path):
 
 
 def test_margin_term_keeps_classes_apart():
-    from reprozoo.zoo.nca import _margin_term
+    from reprozoo.methods.nca import _margin_term
 
     e = torch.zeros(4, 2, requires_grad=True)
     y = torch.tensor([0, 0, 1, 1])

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from reprozoo.zoo.nets import (
+from reprozoo.nets import (
     MLP,
     CifarResNet,
     ConvNet,

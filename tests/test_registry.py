@@ -1,15 +1,16 @@
+import hashlib
 import json
 import urllib.request
 
 import pytest
 import torch
 
+from reprozoo.methods.engression import EngressionRegressor
 from reprozoo.zoo import registry
-from reprozoo.zoo.engression import EngressionRegressor
 from reprozoo.zoo.registry import WeightsError
 from tests.helpers import tiny_data, tiny_engression, tiny_trainer
 
-CLASS = "reprozoo.zoo.engression.EngressionRegressor"
+CLASS = "reprozoo.methods.engression.EngressionRegressor"
 
 
 @pytest.fixture
@@ -157,3 +158,30 @@ def test_bad_card_is_refused(tmp_path):
     card.write_text(json.dumps({"name": "a.b", "module": CLASS, "hparams": {}, "sha256": "0" * 64, "fil": "x"}))
     with pytest.raises(WeightsError, match="missing keys \\['file'\\]"):
         registry.register_weights(card)
+
+
+def test_zoo_files_written_before_the_layout_change_still_load(tmp_path):
+    """A TRM zoo file of the old layout (class under reprozoo.zoo.trm, the network's arguments flat in the module's
+    hyperparameters) loads into the same model as the converted packaged entry."""
+    entry = registry.get_weights("trm_mlp64.sudoku_gen45")
+    payload = torch.load(registry.PACKAGE_DIR / entry.file, map_location="cpu", weights_only=True)
+    hparams = dict(payload["hparams"])
+    net = hparams.pop("net")["init_args"]
+    flat = hparams | {k: v for k, v in net.items() if k not in ("rope_theta", "norm_eps")}
+    torch.save({**payload, "module": "reprozoo.zoo.trm.TRMModule", "hparams": flat}, tmp_path / "old.pt")
+    data = (tmp_path / "old.pt").read_bytes()
+    card = entry.to_card() | {
+        "name": "old_layout.trm",
+        "file": "old.pt",
+        "module": "reprozoo.zoo.trm.TRMModule",
+        "hparams": flat,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size_bytes": len(data),
+        "url": None,
+    }
+    (tmp_path / "old_layout.trm.json").write_text(json.dumps(card))
+
+    old, new = registry.load_model(tmp_path / "old_layout.trm.json"), registry.load_model(entry.name)
+    assert type(old) is type(new) and old.hparams["net"] == new.hparams["net"]
+    assert old.state_dict().keys() == new.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))

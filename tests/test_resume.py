@@ -20,13 +20,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from reprozoo.callbacks import FrobeniusNormMonitor, LossLandscape, RNGStateCheckpoint
 from reprozoo.datamodules import ConcentricRingsDataModule, ResumableDataLoader, SudokuExtremeDataModule
-from reprozoo.zoo.classifier import ClassifierModule
-from reprozoo.zoo.distillation import DistillationModule
-from reprozoo.zoo.nca import NCAModule
-from reprozoo.zoo.nets import MLP
-from reprozoo.zoo.trm import TRMModule
+from reprozoo.methods.classifier import ClassifierModule
+from reprozoo.methods.distillation import DistillationModule
+from reprozoo.methods.nca import NCAModule
+from reprozoo.methods.trm import TRMModule
+from reprozoo.nets import MLP
 from tests.conftest import ROOT
-from tests.helpers import tiny_data, tiny_engression
+from tests.helpers import tiny_data, tiny_engression, trm_net
 
 
 def _rings(**kwargs):
@@ -65,9 +65,7 @@ def sudoku_dir(tmp_path_factory):
 
 def _trm():
     return TRMModule(
-        hidden_size=32,
-        expansion=2.0,
-        puzzle_emb_ndim=32,
+        net=trm_net(hidden_size=32, expansion=2.0, puzzle_emb_ndim=32),
         n=2,
         T=2,
         n_sup=2,

@@ -11,6 +11,7 @@ import pytest
 from reprozoo.callbacks import load_landscape
 from reprozoo.cli import run_lightning
 from tests.conftest import real_data
+from tests.test_configs import config_args
 
 pytestmark = pytest.mark.slow  # experiment configs run end to end through the CLI
 
@@ -27,8 +28,7 @@ def mnist_root(monkeypatch) -> None:
 def _run(tmp_path, config: Path, *extra: str):
     argv = [
         "fit",
-        "--config",
-        str(config),
+        *config_args(config),  # with its base
         "--data.init_args.dataset",
         "mnist",
         "--data.init_args.train_source",

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from reprozoo.datamodules import SudokuExtremeDataModule, sudoku
-from reprozoo.datamodules.sudoku import (
-    EpochSampler,
-    SudokuDataset,
+from reprozoo.datamodules.sudoku import EpochSampler, SudokuDataset
+from reprozoo.sudoku import (
     consistent,
     count_solutions,
     decode,

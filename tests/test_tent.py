@@ -11,11 +11,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from reprozoo.methods.tent import TentAdapter, TentModule, collect_norm_params, softmax_entropy
+from reprozoo.nets import CifarResNet, load_legacy_cifar_resnet
+from reprozoo.nets.wide_resnet import WideResNet, load_wide_resnet_checkpoint, wide_resnet28_10
 from reprozoo.zoo import _robustbench
-from reprozoo.zoo.nets import CifarResNet, load_legacy_cifar_resnet
+from reprozoo.zoo.classifiers import load_classifier
 from reprozoo.zoo.registry import WeightsError
-from reprozoo.zoo.tent import TentAdapter, TentModule, collect_norm_params, load_classifier, softmax_entropy
-from reprozoo.zoo.wide_resnet import WideResNet, load_wide_resnet_checkpoint, wide_resnet28_10
 from tests.conftest import real_data
 from tests.helpers import tiny_trainer
 

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from reprozoo.zoo.trm import TRMModule, _softmax_cross_entropy, _vote, stablemax_cross_entropy
-from tests.helpers import tiny_trainer
+from reprozoo.methods.trm import TRMModule, _softmax_cross_entropy, _vote, stablemax_cross_entropy
+from tests.helpers import tiny_trainer, trm_net
 
-TINY = dict(hidden_size=32, expansion=2.0, puzzle_emb_ndim=32, n=2, T=2, n_sup=3, warmup_steps=1, lr=1e-3)
+TINY = dict(net=trm_net(hidden_size=32, expansion=2.0, puzzle_emb_ndim=32), n=2, T=2, n_sup=3, warmup_steps=1, lr=1e-3)
 
 
 def _batch(b=4, seed=0):
@@ -41,7 +41,9 @@ def test_full_size_training_step_runs_on_cpu(tmp_path):
 
 
 def test_attention_variant():
-    model = TRMModule(**(TINY | {"mixer": "attention", "num_heads": 4}))
+    model = TRMModule(
+        **(TINY | {"net": trm_net(hidden_size=32, expansion=2.0, puzzle_emb_ndim=32, mixer="attention", num_heads=4)})
+    )
     batch = _batch(2)
     x = model.net.embed(batch["inputs"], batch["puzzle_identifiers"])
     y, z = model.net.initial_state(2)
@@ -130,7 +132,7 @@ def test_evaluation_uses_ema_weights_and_full_depth(tmp_path):
         for p in model.net.parameters():
             p.add_(torch.randn_like(p))
     assert torch.equal(model.predict_tokens(batch["inputs"], batch["puzzle_identifiers"])[0], pred)
-    from reprozoo.datamodules.sudoku import generate_puzzles
+    from reprozoo.sudoku import generate_puzzles
 
     # Real puzzles (random tokens would have contradicting givens, which solve refuses); the model is untrained, so
     # strict=False: its wrong answers come back instead of raising.

@@ -19,15 +19,22 @@ from torch.utils.data import DataLoader, TensorDataset
 from reprozoo import _files
 from reprozoo.callbacks import predictions as predictions_module
 from reprozoo.callbacks.predictions import PredictionWriter
-from reprozoo.datamodules.sudoku import answer_problem, encode, generate_puzzles, grid_problem, is_valid_solution
-from reprozoo.zoo import registry, tent
-from reprozoo.zoo.engression import EngressionRegressor
+from reprozoo.methods import tent
+from reprozoo.methods.engression import EngressionRegressor
+from reprozoo.methods.trm import TRMModule, UnsolvedPuzzlesError
+from reprozoo.sudoku import answer_problem, encode, generate_puzzles, grid_problem, is_valid_solution
+from reprozoo.zoo import registry
 from reprozoo.zoo.registry import WeightsError
-from reprozoo.zoo.trm import TRMModule, UnsolvedPuzzlesError
-from tests.helpers import tiny_data, tiny_engression, tiny_trainer
+from tests.helpers import tiny_data, tiny_engression, tiny_trainer, trm_net
 
-TRM_TINY = {"hidden_size": 32, "expansion": 2.0, "puzzle_emb_ndim": 32, "n": 1, "T": 1, "n_sup": 1, "warmup_steps": 1}
-ENGRESSION = "reprozoo.zoo.engression.EngressionRegressor"
+TRM_TINY = {
+    "net": trm_net(hidden_size=32, expansion=2.0, puzzle_emb_ndim=32),
+    "n": 1,
+    "T": 1,
+    "n_sup": 1,
+    "warmup_steps": 1,
+}
+ENGRESSION = "reprozoo.methods.engression.EngressionRegressor"
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +277,11 @@ def _text(ckpt, tmp_path):
         (lambda ckpt, tmp: tmp / "missing.ckpt", {}, "does not exist"),
         (_damaged, {}, "truncated or corrupt"),
         (_text, {}, "not a PyTorch checkpoint"),
-        (lambda ckpt, tmp: ckpt, {"module": "reprozoo.zoo.nca.NCAModule"}, "cannot rebuild reprozoo.zoo.nca.NCAModule"),
+        (
+            lambda ckpt, tmp: ckpt,
+            {"module": "reprozoo.methods.nca.NCAModule"},
+            "cannot rebuild reprozoo.methods.nca.NCAModule",
+        ),
         (lambda ckpt, tmp: ckpt, {"module": "reprozoo.zoo.nope.Model"}, "cannot import"),
         (lambda ckpt, tmp: ckpt, {}, "does not record its module class"),
     ],

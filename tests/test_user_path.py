@@ -21,8 +21,8 @@ import torch
 
 from reprozoo import cli
 from reprozoo.cli import main
+from reprozoo.methods.engression import EngressionRegressor
 from reprozoo.zoo import registry
-from reprozoo.zoo.engression import EngressionRegressor
 from tests.conftest import ROOT
 
 QUICK = "configs/engression/quickstart.yaml"
@@ -135,7 +135,10 @@ PARSE_ERRORS = [
     (["--data.init_args.function", "sine"], ["--data.init_args.function", "'softplus'", "got 'sine'"]),
     (["--trainerr.max_epochs", "5"], ["--trainerr.max_epochs", "did you mean --trainer.max_epochs"]),
     (["--checkpoint.monitr", "x"], ["--checkpoint.monitr", "did you mean --checkpoint.monitor"]),
-    (["--model", "reprozoo.zoo.engression.EngresionRegressor"], ["--model", "has no attribute 'EngresionRegressor'"]),
+    (
+        ["--model", "reprozoo.methods.engression.EngresionRegressor"],
+        ["--model", "has no attribute 'EngresionRegressor'"],
+    ),
     (["--trainer.max_epochs", "many"], ["--trainer.max_epochs: expected int, got 'many'"]),
 ]
 
@@ -257,7 +260,7 @@ def test_checkpoint_of_another_method(work, trained, capsys):
     shutil.copyfile(trained / "checkpoints" / "last.ckpt", work / "engression.ckpt")
     before = digest(work)
     line = refused(capsys, "test", "--config", "configs/nca/rings.yaml", "--ckpt_path", "engression.ckpt")
-    assert "written by reprozoo.zoo.engression.EngressionRegressor, but NCAModule" in line, line
+    assert "written by reprozoo.methods.engression.EngressionRegressor, but NCAModule" in line, line
     assert "Use that method's config" in line
     assert digest(work) == before
 

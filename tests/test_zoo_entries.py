@@ -84,7 +84,7 @@ def test_trm_entry_solves_fresh_puzzles(name):
     as many as its card says, and every answer it gets right is a valid grid consistent with the givens."""
     import yaml
 
-    from reprozoo.datamodules.sudoku import consistent, generate_puzzles, is_valid_solution
+    from reprozoo.sudoku import consistent, generate_puzzles, is_valid_solution
 
     entry = registry.get_weights(name)
     recipe = yaml.safe_load((ROOT / entry.recipe).read_text())

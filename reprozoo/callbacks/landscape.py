@@ -11,15 +11,12 @@ place and copies the saved ones back. Under DDP the points are split across rank
 
 from __future__ import annotations
 
-import functools
-import inspect
 import io
 import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,200 +24,24 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.seed import isolate_rng
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import nn
-from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, IterableDataset
 
 from reprozoo._files import save_figure, write_atomic
+from reprozoo.callbacks._landscape_eval import (
+    Captured,
+    MetricStates,
+    Normalization,
+    Objective,
+    evaluate_grid,
+    objective_fn,
+    random_directions,
+    suppressed_logging,
+)
+from reprozoo.callbacks._landscape_plot import landscape_figures
 
 log = logging.getLogger(__name__)
-
-Normalization = Literal["filter", "layer", "model", "none"]
-
-
-# ------------------------------------------------------------------------------------------------- directions
-
-
-def random_directions(
-    params: Mapping[str, torch.Tensor],
-    *,
-    num: int = 2,
-    normalization: Normalization = "filter",
-    ignore: Literal["biasbn"] | None = "biasbn",
-    seed: int = 0,
-) -> list[dict[str, torch.Tensor]]:
-    """``num`` Gaussian directions in parameter space, each a ``{name: tensor}`` like ``params``.
-
-    The draws come from a CPU generator seeded with ``seed`` in the order of ``params``, so the same seed gives the
-    same raw directions on every call, machine and device; only the normalisation follows the current weights:
-
-    * ``filter`` (Li et al.): each filter of a weight (each slice along dim 0: a conv filter, a row of a linear
-      layer) is scaled to the norm of the matching filter of the weight;
-    * ``layer``: each tensor is scaled to the norm of its weight; ``model``: the whole direction to the norm of all
-      the weights; ``none``: raw N(0, 1) draws.
-
-    Tensors of dimension <= 1 (biases, norm-layer scales and shifts) get a zero direction with
-    ``ignore="biasbn"`` (the paper's default); otherwise, under ``filter`` normalisation, the direction is the
-    weight itself, as the paper's code does (a 1-d tensor has no filters to normalise).
-    """
-    if normalization not in ("filter", "layer", "model", "none"):
-        raise ValueError(f"normalization must be 'filter', 'layer', 'model' or 'none', got {normalization!r}")
-    if ignore not in ("biasbn", None):
-        raise ValueError(f"ignore must be 'biasbn' or None, got {ignore!r}")
-    generator = torch.Generator().manual_seed(seed)
-    directions = []
-    for _ in range(num):
-        d = {}
-        for name, w in params.items():
-            # Normalised in float32 at least: bfloat16/float16 norms and products lose digits (and float16 norms
-            # overflow); the direction is rounded to the weight's dtype once, at the end.
-            w = w.detach().to(_work_dtype(w.dtype))
-            raw = torch.randn(w.shape, generator=generator, dtype=torch.float32).to(device=w.device, dtype=w.dtype)
-            if w.dim() <= 1 and ignore == "biasbn":
-                raw.zero_()
-            elif w.dim() <= 1 and normalization == "filter":
-                raw = w.clone()
-            elif normalization == "filter":
-                dims = tuple(range(1, w.dim()))
-                w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True)
-                raw = raw * (w_norm / (torch.linalg.vector_norm(raw, dim=dims, keepdim=True) + 1e-10))
-            elif normalization == "layer":
-                raw = raw * (w.norm() / (raw.norm() + 1e-10))
-            d[name] = raw
-        if normalization == "model":
-            w_norm = torch.sqrt(sum(w.detach().float().square().sum() for w in params.values()))
-            d_norm = torch.sqrt(sum(v.float().square().sum() for v in d.values()))
-            d = {n: v * (w_norm / (d_norm + 1e-10)).to(v.dtype) for n, v in d.items()}
-        directions.append({n: v.to(params[n].dtype) for n, v in d.items()})
-    return directions
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to do arithmetic on weights of ``dtype`` in: float32 for half precision, else ``dtype`` itself."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-# ------------------------------------------------------------------------------------------------- objective
-
-
-class _Objective(nn.Module):
-    """``forward(batch) = fn(module, batch)``: gives ``functional_call`` a forward that runs the user's loss, so
-    every method of the LightningModule called inside it (``loss``, ``training_step``, ``forward``) sees the
-    swapped-in parameters."""
-
-    def __init__(self, module: nn.Module, fn: Callable[[nn.Module, Any], Any]):
-        super().__init__()
-        self.module = module
-        self.fn = fn
-
-    def forward(self, batch):
-        return self.fn(self.module, batch)
-
-
-def _call_loss_method(module, batch):
-    return module.loss(batch)
-
-
-def _call_training_step(module, batch):
-    return module.training_step(batch, 0)
-
-
-def _call_training_step_without_index(module, batch):
-    return module.training_step(batch)
-
-
-class _Captured:
-    """What the objective logged through ``self.log``/``self.log_dict`` while logging was suppressed."""
-
-    def __init__(self):
-        self.values: dict[str, Any] = {}
-
-    def log(self, name, value, *args, **kwargs):
-        self.values[name] = value
-
-    def log_dict(self, dictionary, *args, **kwargs):
-        self.values.update(dictionary)
-
-
-@contextmanager
-def _suppressed_logging(module: L.LightningModule, captured: _Captured):
-    """Route ``module.log``/``log_dict`` to ``captured`` (instance attributes shadow the methods), so the objective
-    reaches neither the loggers nor ``trainer.callback_metrics``."""
-    module.log = captured.log
-    module.log_dict = captured.log_dict
-    try:
-        yield
-    finally:
-        del module.log
-        del module.log_dict
-
-
-class _MetricStates:
-    """Snapshot of the torchmetrics objects of a module: a ``training_step`` updates them, and the landscape must
-    not leak into the epoch's metrics (nor leave vmap's batched tensors in their caches). ``reset`` before each
-    evaluation makes a logged Metric's ``compute()`` the value of that one batch."""
-
-    def __init__(self, module: nn.Module):
-        from torchmetrics import Metric
-
-        self.saved = []
-        for m in module.modules():
-            if isinstance(m, Metric):
-                attributes = dict(m.__dict__)  # states, update count, forward and compute caches, sync flags
-                for k, v in m.metric_state.items():  # states may be updated in place: copy them
-                    attributes[k] = [t.clone() for t in v] if isinstance(v, list) else v.clone()
-                self.saved.append((m, attributes))
-
-    def reset(self) -> None:
-        for m, _ in self.saved:
-            m.reset()
-
-    def restore(self) -> None:
-        for m, attributes in self.saved:
-            for k in set(m.__dict__) - set(attributes):
-                del m.__dict__[k]
-            m.__dict__.update(attributes)
-
-
-def _unpack(output: Any, captured: _Captured, accuracy_key: re.Pattern) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, accuracy) from what the objective returned and logged: scalars of one dtype (the loss's, at least
-    float32) on the loss's device, the accuracy NaN when there is none. Both evaluation modes go through here, so
-    their values stack whatever the module's dtype, precision plugin or default dtype; float64 comes later, on the
-    CPU (some accelerators have no float64)."""
-    accuracy = None
-    if isinstance(output, Mapping):
-        if "loss" not in output:
-            raise ValueError(f"LossLandscape: the objective returned a mapping without a 'loss' key: {list(output)}")
-        accuracy = output.get("accuracy", output.get("acc"))
-        output = output["loss"]
-    if not isinstance(output, torch.Tensor) or output.numel() != 1:
-        raise ValueError(
-            "LossLandscape: the objective must return a scalar loss tensor (or a mapping with 'loss'), got "
-            f"{type(output).__name__}{tuple(output.shape) if isinstance(output, torch.Tensor) else ''}"
-        )
-    if accuracy is None:
-        for name, value in captured.values.items():
-            if accuracy_key.search(name):
-                accuracy = value
-                break
-    if accuracy is not None and hasattr(accuracy, "compute") and not isinstance(accuracy, torch.Tensor):
-        accuracy = accuracy.compute()  # a torchmetrics object logged by the step: reset just before, so this batch
-    loss = output.reshape(()).to(_work_dtype(output.dtype))
-    if isinstance(accuracy, torch.Tensor):
-        accuracy = accuracy.reshape(()).to(device=loss.device, dtype=loss.dtype)
-    else:  # an explicit dtype: a Python number would take the default one, bfloat16 under "bf16-true"
-        accuracy = torch.tensor(
-            float("nan") if accuracy is None else float(accuracy), dtype=loss.dtype, device=loss.device
-        )
-    return loss, accuracy
-
-
-def _on_cpu(values: torch.Tensor) -> torch.Tensor:
-    """float64 on the CPU, where the grids are accumulated (the copy also waits for an accelerator to finish)."""
-    return values.cpu().to(torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------- the callback
@@ -442,27 +263,6 @@ class LossLandscape(L.Callback):
 
     # ---- evaluation -----------------------------------------------------------------------------------------
 
-    def _objective_fn(self, pl_module: L.LightningModule) -> Callable:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        if inspect.ismethod(getattr(pl_module, "loss", None)):  # a method, not e.g. an nn.CrossEntropyLoss attribute
-            return _call_loss_method
-        if not pl_module.automatic_optimization:
-            raise RuntimeError(
-                f"LossLandscape: {type(pl_module).__name__} uses manual optimisation, so its training_step updates the "
-                "weights; give the callback a loss_fn(pl_module, batch) or define a loss(batch) method on the module"
-            )
-        step = pl_module.training_step
-        if is_param_in_hook_signature(step, "dataloader_iter", explicit=True):
-            raise RuntimeError(
-                f"LossLandscape: {type(pl_module).__name__}.training_step takes a dataloader_iter, not a batch; give the "
-                "callback a loss_fn(pl_module, batch) or define a loss(batch) method on the module"
-            )
-        # Lightning passes batch_idx only to a training_step that takes it; so does the callback.
-        if is_param_in_hook_signature(step, "batch_idx", min_args=2):
-            return _call_training_step
-        return _call_training_step_without_index
-
     def compute(
         self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader: DataLoader | None = None
     ) -> dict[str, Any]:
@@ -491,20 +291,20 @@ class LossLandscape(L.Callback):
             named = dict(pl_module.named_buffers())
             src = trainer.strategy.broadcast({n: b.cpu() for n, b in named.items()}, src=0)
             buffers = {"module." + n: src[n].to(named[n].device) for n in named}
-        objective = _Objective(pl_module, self._objective_fn(pl_module))
-        captured = _Captured()
-        metrics = _MetricStates(pl_module)
+        objective = Objective(pl_module, objective_fn(self.loss_fn, pl_module))
+        captured = Captured()
+        metrics = MetricStates(pl_module)
         modes = {m: m.training for m in pl_module.modules()}
         # The loop writes rank zero's buffers under DDP, and a module may update a buffer in eval mode too (a
         # counter, a cache): all of them are put back as they were.
         saved_buffers = [(m, n, b, b.clone()) for m in pl_module.modules() for n, b in m.named_buffers(recurse=False)]
         cuda = pl_module.device.type == "cuda"
         try:
-            with isolate_rng(include_cuda=cuda), torch.no_grad(), _suppressed_logging(pl_module, captured):
+            with isolate_rng(include_cuda=cuda), torch.no_grad(), suppressed_logging(pl_module, captured):
                 pl_module.eval()
                 batches = [self._to_device(trainer, pl_module, b) for b in self._fixed_batches(trainer, dataloader)]
-                loss, acc = self._evaluate(
-                    trainer, objective, params, buffers, directions, mine, batches, captured, metrics
+                loss, acc = evaluate_grid(
+                    self, trainer, objective, params, buffers, directions, mine, batches, captured, metrics
                 )
         finally:
             for m, training in modes.items():
@@ -537,152 +337,6 @@ class LossLandscape(L.Callback):
         result["seconds"] = time.perf_counter() - start
         self.last_result = result
         return result
-
-    def _evaluate(self, trainer, objective, params, buffers, directions, coords, batches, captured, metrics):
-        """(loss (P,), accuracy (P,) or NaNs), float64 on the CPU, for this rank's grid points, averaged over the
-        batches."""
-        sizes = torch.tensor([float(extract_batch_size(b)) for b in batches], dtype=torch.float64)
-        weights = sizes / sizes.sum()
-        loss = torch.zeros(len(coords), dtype=torch.float64)
-        acc = torch.zeros(len(coords), dtype=torch.float64)
-        names = list(params)
-
-        def point_params(base: Mapping[str, torch.Tensor], c: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-            """``(name, base + c[0] d1 (+ c[1] d2))`` per parameter, for CPU float64 coordinates ``c`` of shape
-            (dim,), or (P, dim) -> stacked (P, ...). Both modes build a point's weights here, so they evaluate the
-            very same weights; one parameter at a time, so the loop holds one extra tensor, not a model copy."""
-            placed = {}  # the coordinates per (device, dtype): one small copy each, not one per parameter
-            for name in names:
-                theta = base[name]
-                work = _work_dtype(theta.dtype)  # half-precision arithmetic would round a * d before adding it
-                key = (theta.device, work)
-                if key not in placed:  # cast on the CPU first: some accelerators have no float64
-                    placed[key] = c.to(work).to(theta.device)
-                w = theta.to(work)
-                for k in range(self.dim):
-                    scale = placed[key][..., k].reshape(c.shape[:-1] + (1,) * theta.dim())  # () or (P, 1, ..., 1)
-                    w = w + scale * directions[k][name].to(work)
-                yield name, w.to(theta.dtype)
-
-        def evaluate(point: dict[str, torch.Tensor], batch) -> tuple[torch.Tensor, torch.Tensor]:
-            captured.values.clear()
-            torch.manual_seed(self.seed)  # common random numbers: the same noise at every point
-            return _unpack(functional_call(objective, {**buffers, **point}, (batch,)), captured, self.accuracy_key)
-
-        # Both return (values, accuracies), each (len(chunk), len(batches)) in float64 on the CPU; the weights of a
-        # point are built once for all batches.
-        def run_vmap(chunk: torch.Tensor, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-            stacked = {"module." + name: w for name, w in point_params(params, chunk)}  # {name: (P, ...)}
-            columns = []
-            for batch in batches:
-                metrics.reset()
-                columns.append(vmap(functools.partial(evaluate, batch=batch), randomness="same")(stacked))
-            return _on_cpu(torch.stack([v for v, _ in columns], 1)), _on_cpu(torch.stack([a for _, a in columns], 1))
-
-        live = dict(objective.module.named_parameters())
-        live_buffers = dict(objective.module.named_buffers())
-
-        def run_loop(chunk: torch.Tensor, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-            # One point at a time, the classic way: the point's weights are written into the parameters in place (no
-            # reparametrisation per call) and the saved values copied back at the end, bit for bit. compute()
-            # restores the buffers.
-            theta = {name: params[name].clone() for name in names}  # params are views of the live parameters
-            values, accs = [], []
-            try:
-                for n, b in buffers.items():  # DDP: rank zero's buffers (see compute)
-                    live_buffers[n[len("module.") :]].copy_(b)
-                for c in chunk:
-                    for name, w in point_params(theta, c):
-                        live[name].copy_(w)
-                    for batch in batches:
-                        metrics.reset()  # a metric logged by the objective then holds this point's batch only
-                        captured.values.clear()
-                        torch.manual_seed(self.seed)
-                        value, accuracy = _unpack(objective(batch), captured, self.accuracy_key)
-                        values.append(value)
-                        accs.append(accuracy)
-            finally:
-                for name in names:
-                    live[name].copy_(theta[name])
-            shape = (len(chunk), len(batches))
-            return _on_cpu(torch.stack(values)).reshape(shape), _on_cpu(torch.stack(accs)).reshape(shape)
-
-        chunks = [coords[i : i + self.chunk_size] for i in range(0, len(coords), self.chunk_size)]
-        if not chunks:  # more ranks than grid points
-            return loss, acc
-        with trainer.precision_plugin.forward_context():
-            name = type(objective.module).__name__
-            mode = self._choose_mode(run_vmap, run_loop, chunks[0], batches[0], metrics, name)
-            run = run_vmap if mode == "vmap" else run_loop
-            bar = self._progress_bar(trainer, len(coords) * len(batches))
-            try:
-                position = 0
-                for chunk in chunks:
-                    values, accs = run(chunk, batches)  # (n, B) each
-                    loss[position : position + len(chunk)] = values @ weights
-                    acc[position : position + len(chunk)] = accs @ weights
-                    bar.update(len(chunk) * len(batches))
-                    position += len(chunk)
-            finally:
-                bar.close()
-        self.used_mode = mode
-        return loss, acc
-
-    def _choose_mode(self, run_vmap, run_loop, chunk, batch, metrics: _MetricStates, name: str) -> str:
-        """``mode`` itself, or for ``"auto"``: ``"loop"`` when vmap cannot run the objective (logged as a warning),
-        else whichever of the two is faster per grid point on this module, device and batch, timed on up to 8 points
-        of the first chunk (a warm-up call, then one timed call each; the loop on at most 4 points). Batching grid points pays on
-        accelerators and for small, overhead-bound models; on a CPU, a compute-bound convolution runs slower
-        batched (vmap turns it into a grouped convolution), so there the loop can win."""
-        if self.mode != "auto":
-            return self.mode
-        self.timings = None
-        chunk = chunk[:8]  # a probe: enough points to see vmap's per-point cost, little work wasted on a small grid
-        try:
-            metrics.reset()
-            run_vmap(chunk, [batch])  # warm-up, and the test that vmap can run it at all
-        except Exception as err:  # noqa: BLE001 - any failure of vmap's transforms means: loop instead
-            message = str(err).splitlines()[0] if str(err) else ""
-            # Once a warning, then information: the same fallback at every epoch tells the user nothing new.
-            log.log(
-                logging.INFO if self._fallback_warned else logging.WARNING,
-                "LossLandscape: %s cannot be evaluated with vmap (%s: %s); evaluating the grid points one at a time "
-                "(same values, slower on accelerators; pass mode='loop' to skip this check)",
-                name,
-                type(err).__name__,
-                message,
-            )
-            self._fallback_warned = True
-            return "loop"
-        if len(chunk) < 2:
-            return "vmap"
-
-        def per_point(fn, points) -> float:
-            metrics.reset()
-            start = time.perf_counter()
-            fn(points, [batch])  # returns CPU values: an accelerator has finished
-            return (time.perf_counter() - start) / len(points)
-
-        vmap_s = per_point(run_vmap, chunk)
-        few = chunk[: min(4, len(chunk))]
-        per_point(run_loop, few[:1])  # warm-up
-        loop_s = per_point(run_loop, few)
-        self.timings = {"vmap_ms_per_point": 1000 * vmap_s, "loop_ms_per_point": 1000 * loop_s}
-        mode = "vmap" if vmap_s <= loop_s else "loop"
-        log.info(
-            "LossLandscape: %s per grid point and batch: vmap %.2f ms, loop %.2f ms; using %s",
-            name,
-            1000 * vmap_s,
-            1000 * loop_s,
-            mode,
-        )
-        return mode
-
-    def _progress_bar(self, trainer: L.Trainer, total: int):
-        from tqdm.auto import tqdm
-
-        show = self.progress and trainer.is_global_zero and trainer.progress_bar_callback is not None
-        return tqdm(total=total, desc="loss landscape", leave=False, disable=not show, dynamic_ncols=True)
 
     # ---- hooks ----------------------------------------------------------------------------------------------
 
@@ -746,44 +400,7 @@ class LossLandscape(L.Callback):
     def figures(self, result: dict[str, Any], title: str = "") -> dict[str, Any]:
         """Matplotlib figures (Agg canvas, outside pyplot) of a :meth:`compute` result: ``{"line"}`` for 1-d,
         ``{"contour", "surface"}`` for 2-d."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        x, z = result["x"], result["loss"]
-        if self.dim == 1:
-            fig = Figure(figsize=(6, 4), layout="constrained")
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot()
-            ax.plot(x, z, color="tab:blue", label="loss")
-            ax.set_xlabel("step along direction 1")
-            ax.set_ylabel("loss")
-            if "accuracy" in result:
-                ax2 = ax.twinx()
-                ax2.plot(x, result["accuracy"], color="tab:orange", label="accuracy")
-                ax2.set_ylabel("accuracy")
-            ax.set_title(f"Loss along a random direction ({title})")
-            return {"line": fig}
-        X, Y = np.meshgrid(x, result["y"])
-        contour = Figure(figsize=(5.5, 5), layout="constrained")
-        FigureCanvasAgg(contour)
-        ax = contour.add_subplot()
-        finite = z[np.isfinite(z)]
-        levels = np.linspace(finite.min(), finite.max(), 30) if finite.size and finite.max() > finite.min() else 10
-        cs = ax.contour(X, Y, z, levels=levels, cmap="viridis")
-        ax.clabel(cs, inline=True, fontsize=6, fmt="%.2g")
-        ax.plot([0], [0], "r+", markersize=10)
-        ax.set_xlabel("direction 1")
-        ax.set_ylabel("direction 2")
-        ax.set_title(f"Loss contours ({title})")
-        surface = Figure(figsize=(6, 5), layout="constrained")
-        FigureCanvasAgg(surface)
-        ax3 = surface.add_subplot(projection="3d")
-        ax3.plot_surface(X, Y, z, cmap="viridis", linewidth=0, antialiased=True)
-        ax3.set_xlabel("direction 1")
-        ax3.set_ylabel("direction 2")
-        ax3.set_zlabel("loss")
-        ax3.set_title(f"Loss surface ({title})")
-        return {"contour": contour, "surface": surface}
+        return landscape_figures(result, self.dim, title)
 
     # ---- state ----------------------------------------------------------------------------------------------
 
@@ -805,3 +422,6 @@ def load_landscape(path: str | Path) -> dict[str, Any]:
         out["directions"] = [dict(zip(names, torch.from_numpy(row).split(numels))) for row in out["directions"]]
         out["parameter_names"] = names
     return out
+
+
+__all__ = ["LossLandscape", "load_landscape", "random_directions"]

@@ -8,26 +8,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-
-def format_grid(grid: str) -> str:
-    """An 81-character grid as 9 lines with box separators ('.' for blanks)."""
-    lines = []
-    for r in range(9):
-        if r in (3, 6):
-            lines.append("------+-------+------")
-        cells = []
-        for c in range(9):
-            ch = grid[r * 9 + c]
-            cells.append(ch if ch not in "0" else ".")
-            if c in (2, 5):
-                cells.append("|")
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
+from reprozoo.sudoku import consistent, decode, format_grid, is_valid_solution
 
 
 class PrintSolvedSudoku(L.Callback):
     """After ``test``, solve the first ``num_examples`` puzzles of the test set with the module's
-    ``solve(puzzles)`` (e.g. :class:`~reprozoo.zoo.trm.TRMModule`) and print puzzle and answer side by side,
+    ``solve(puzzles)`` (e.g. :class:`~reprozoo.methods.trm.TRMModule`) and print puzzle and answer side by side,
     with the verdict (valid, consistent with the givens). Needs a module with a ``solve`` method and a test
     loader yielding ``{"inputs": (B, 81)}`` sudoku tokens."""
 
@@ -36,8 +22,6 @@ class PrintSolvedSudoku(L.Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from reprozoo.datamodules.sudoku import consistent, decode, is_valid_solution
-
         if not hasattr(pl_module, "solve") or trainer.test_dataloaders is None:
             return
         loader = trainer.test_dataloaders[0] if isinstance(trainer.test_dataloaders, list) else trainer.test_dataloaders

@@ -273,7 +273,7 @@ class AnimalFacesDataModule(_SplitsDataModule):
 
     Args:
         data_dir: the folder that holds ``afhq/`` (and any ``afhq_random*/``); default
-            the data root (``$REPROZOO_DATA``, see README), i.e. the images in ``$REPROZOO_DATA/afhq/train/``.
+            the data root (``$REPROZOO_DATA``, see docs/data.md), i.e. the images in ``$REPROZOO_DATA/afhq/train/``.
         url: where the official archive is downloaded from when ``afhq/train`` is missing (a ``file://`` URL
             works); nothing is downloaded with ``REPROZOO_OFFLINE=1``.
         image_size: images are resized to ``image_size`` x ``image_size`` (tutorial: 32).

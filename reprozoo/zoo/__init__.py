@@ -1,5 +1,6 @@
-"""Methods (one module each), their networks, and the weights registry."""
+"""The model zoo: the weights registry and its cards (``weights/``), and classifiers by name."""
 
+from reprozoo.zoo.classifiers import load_classifier
 from reprozoo.zoo.registry import (
     WeightsEntry,
     WeightsError,
@@ -16,6 +17,7 @@ __all__ = [
     "export_checkpoint",
     "get_weights",
     "list_weights",
+    "load_classifier",
     "load_model",
     "register_weights",
 ]

@@ -110,7 +110,7 @@ def load_robustbench_model(
     missing, RobustBench downloads it (Google Drive), unless offline (``offline=True`` or ``REPROZOO_OFFLINE=1``),
     where a :class:`~reprozoo.zoo.registry.WeightsError` says where to put the file. Models that RobustBench serves
     through timm are not supported offline here. A ``Standard``-layout file also loads without RobustBench:
-    :func:`reprozoo.zoo.wide_resnet.load_wide_resnet_checkpoint`.
+    :func:`reprozoo.nets.wide_resnet.load_wide_resnet_checkpoint`.
     """
     path = robustbench_checkpoint_path(name, dataset, threat_model, model_dir)
     offline = _files.offline() if offline is None else offline

@@ -36,17 +36,13 @@ from typing import Any
 import torch
 
 from reprozoo import _files
-from reprozoo._files import sha256_file, write_atomic
-from reprozoo.zoo._checks import CheckpointError, check_checkpoint_file
+from reprozoo._checks import CheckpointError, check_checkpoint_file, current_class_path, current_hparams
+from reprozoo._files import WeightsError, sha256_file, write_atomic
 
 FORMAT = "reprozoo-weights/1"
 PACKAGE_DIR = Path(__file__).parent / "weights"
 # Everything shipped inside the wheel together must stay under this size; larger entries go behind a URL.
 PACKAGED_BUDGET_BYTES = 12 * 1024 * 1024  # MLP teacher + student for MNIST distillation stored as float16
-
-
-class WeightsError(RuntimeError):
-    """A zoo entry or weights file could not be found, fetched, verified or loaded."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +75,11 @@ class WeightsEntry:
         if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
             # A folder part would let a card point at any file on the machine.
             raise WeightsError(f"{source}: bad card ('file' must be a plain file name, got {file!r})")
+        card = {
+            **card,
+            "module": current_class_path(card["module"]),
+            "hparams": current_hparams(card["module"], card["hparams"]),
+        }
         return cls(**card, card_path=card_path)
 
     def to_card(self) -> dict[str, Any]:
@@ -224,7 +225,7 @@ def weights_path(
 
 
 def _import(class_path: str) -> type:
-    module_name, _, attr = class_path.rpartition(".")
+    module_name, _, attr = current_class_path(class_path).rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
@@ -245,6 +246,8 @@ def read_weights_file(path: str | os.PathLike | io.BytesIO, label: str | None = 
     for key in ("module", "hparams", "state_dict"):
         if key not in payload:
             raise WeightsError(f"{label}: weights file lacks {key!r}")
+    payload["module"] = current_class_path(payload["module"])
+    payload["hparams"] = current_hparams(payload["module"], payload["hparams"])
     return payload
 
 

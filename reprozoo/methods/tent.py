@@ -1,0 +1,640 @@
+"""TENT: Wang, Shelhamer, Liu, Olshausen & Darrell, "Tent: Fully Test-Time Adaptation by Entropy Minimization"
+(ICLR 2021), as the official code does it (DequanWang/tent: ``tent.py``, ``norm.py``, ``cifar10c.py``, ``conf.py``).
+
+A trained classifier meets unlabeled test batches from a shifted distribution (e.g. CIFAR-10-C corruptions). For
+every batch, TENT
+
+1. normalises features with the *batch's* statistics instead of the running ones from training (BatchNorm in train
+   mode, running statistics dropped);
+2. predicts, and minimises the mean Shannon entropy of those predictions,
+   ``H = -(softmax(z) * log_softmax(z)).sum(1).mean()``, by one gradient step (Adam, lr 1e-3, betas (0.9, 0.999),
+   no weight decay: the official CIFAR-10-C settings) on the BatchNorm affine parameters (scale and shift) only;
+3. returns the predictions of step 2, made *before* the update (the update helps the next batches).
+
+The two baselines of the paper are ``source`` (the model unchanged, eval mode) and ``norm`` (test-time
+normalisation: batch statistics, no optimisation).
+
+:class:`TentAdapter` is the method as an ``nn.Module`` around any classifier; :class:`TentModule` runs it in
+Lightning's test loop, one test dataloader per domain, and reports error and entropy per domain.
+
+Choices and extensions, each documented where it is made:
+
+* **Dropout and other train-mode behaviour.** The official ``configure_model`` calls ``model.train()``: every
+  module is in train mode, so dropout is active in the forward pass whose predictions are returned and whose
+  entropy is minimised (the predictions are then stochastic). That is the default here (``train_mode="all"``);
+  ``train_mode="norm"`` keeps everything but the normalisation layers in eval mode (dropout off, deterministic
+  predictions), which matters only for models with dropout (RobustBench's ``Standard`` WRN-28-10 has none).
+* **Norm layers.** The official code adapts ``nn.BatchNorm2d``; here any BatchNorm (1d/2d/3d, SyncBatchNorm).
+  A model without BatchNorm gets its GroupNorm / LayerNorm affine parameters adapted instead, an extension beyond
+  the paper (those layers already normalise per sample, so only the entropy minimisation acts); it is announced
+  with a warning.
+* **``norm`` mode** drops the running statistics as ``tent`` does (the official ``Norm`` with ``no_stats=True``);
+  the official default keeps updating running averages that a train-mode BatchNorm never reads, so the predictions
+  are the same.
+* The official ``forward_and_adapt`` zeroes the gradients after the step; here also before the backward pass, so
+  gradients left on the model by someone else cannot leak into the first update.
+
+Distributed and XLA: under DDP each process adapts on its own shard of every domain, dealt round-robin by
+DistributedSampler, so ``norm`` and ``tent`` (batch statistics; in ``tent`` mode also each process's own drifting
+weights) give other results than one process does, while ``source`` gives the same; errors and entropies are
+torchmetrics, the summary files are written by rank zero. ``source`` and ``norm`` are XLA-ready; ``tent`` mode warns
+at start-up on XLA (its optimizer steps run inside the test loop).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from reprozoo._checks import CheckpointGuard
+from reprozoo._files import save_figure, write_atomic
+from reprozoo._validate import check
+from reprozoo._xla import warn_if_xla
+from reprozoo.zoo.classifiers import load_classifier
+
+__all__ = [
+    "TentAdapter",
+    "TentModule",
+    "collect_norm_params",
+    "softmax_entropy",
+]
+
+log = logging.getLogger(__name__)
+
+MODES = ("tent", "norm", "source")
+_OPTIMIZERS = ("adam", "sgd")
+_RESETS = ("each_domain", "never")
+_TRAIN_MODES = ("all", "norm")
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and their lazy variants
+_FALLBACK_NORMS = (nn.GroupNorm, nn.LayerNorm)
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of ``softmax(logits)`` per row: (B, C) -> (B,). TENT minimises its batch mean."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+def _batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _BATCH_NORM)]
+
+
+def collect_norm_params(model: nn.Module) -> tuple[list[nn.Parameter], list[str]]:
+    """The parameters TENT adapts and their names: the affine scale (``weight``) and shift (``bias``) of every
+    BatchNorm layer (official ``collect_params``); for a model without BatchNorm, those of its GroupNorm and
+    LayerNorm layers instead (an extension). Layers without affine parameters contribute nothing."""
+    has_bn = bool(_batch_norms(model))
+    kinds = _BATCH_NORM if has_bn else _FALLBACK_NORMS
+    params: list[nn.Parameter] = []
+    names: list[str] = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, kinds):
+            continue
+        for param_name in ("weight", "bias"):  # weight is the scale, bias the shift
+            p = getattr(module, param_name, None)
+            if isinstance(p, nn.Parameter) and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+                names.append(f"{module_name}.{param_name}" if module_name else param_name)
+    return params, names
+
+
+def _use_batch_statistics(model: nn.Module) -> None:
+    """Official ``configure_model``: BatchNorm normalises with the batch's statistics in train *and* eval mode and
+    keeps no running averages."""
+    for bn in _batch_norms(model):
+        bn.track_running_stats = False
+        bn.running_mean = None
+        bn.running_var = None
+
+
+# ----------------------------------------------------------------------------------------------------- the method
+
+
+class TentAdapter(nn.Module):
+    """A classifier that adapts itself on every batch it sees (``mode="tent"``), or one of the paper's baselines.
+
+    ``adapter(x)`` returns (B, C) logits. In ``tent`` mode, for each of ``steps`` repeats: forward ``x``, minimise
+    the mean softmax entropy of those logits by one optimizer step on the normalisation layers' affine parameters,
+    and return the logits of the last forward pass, computed *before* its update (detached). Gradients are enabled
+    inside even when the caller runs under ``torch.no_grad()`` or ``torch.inference_mode()`` (Lightning's
+    evaluation loops): the pass runs with ``torch.inference_mode(False)`` and ``torch.enable_grad()``, on a normal
+    copy of an inference-mode input.
+
+    The model is configured **in place**, as the official ``configure_model`` does (pass a ``copy.deepcopy`` to
+    keep the original):
+
+    * ``tent``: all parameters frozen except the BatchNorm weights and biases (see :func:`collect_norm_params`);
+      BatchNorm running statistics dropped (``track_running_stats=False``, ``running_mean = running_var = None``),
+      so batch statistics are used; the model in train mode (``train_mode="all"``, official; dropout active) or
+      only its normalisation layers (``train_mode="norm"``).
+    * ``norm``: BatchNorm running statistics dropped likewise, BatchNorm layers in train mode, the rest in eval
+      mode (official ``Norm``); nothing is optimised and ``requires_grad`` is left alone.
+    * ``source``: the model unchanged, in eval mode.
+
+    ``.train()`` / ``.eval()`` on the adapter (Lightning calls ``eval()`` before testing) do not change these modes.
+
+    The optimizer (over the adapted parameters only) and a copy of the model's and optimizer's states are made at
+    construction; :meth:`reset` restores both (official ``copy_model_and_optimizer`` / ``load_model_and_optimizer``).
+    ``episodic=True`` resets before every batch, so each batch is adapted to from the source weights alone.
+
+    Args:
+        model: any classifier ``nn.Module`` returning (B, C) logits.
+        mode: ``"tent"``, ``"norm"`` or ``"source"``.
+        lr: learning rate (official CIFAR-10-C: 1e-3).
+        steps: optimizer steps per batch (official: 1).
+        episodic: reset to the source state before every batch.
+        optimizer: ``"adam"`` (official; ``betas``, ``weight_decay``) or ``"sgd"`` (``momentum``, ``nesterov``,
+            ``weight_decay``; the official SGD has dampening 0 and Nesterov momentum).
+        train_mode: ``"all"`` (official) or ``"norm"``, see above; ``tent`` mode only.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: Literal["tent", "norm", "source"] = "tent",
+        lr: float = 1e-3,
+        steps: int = 1,
+        episodic: bool = False,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        momentum: float = 0.9,
+        betas: Sequence[float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        nesterov: bool = True,
+        train_mode: Literal["all", "norm"] = "all",
+    ):
+        super().__init__()
+        owner = "TentAdapter"
+        check(isinstance(model, nn.Module), owner, "model", type(model).__name__, "an nn.Module")
+        check(mode in MODES, owner, "mode", mode, f"one of {', '.join(MODES)}")
+        check(lr > 0, owner, "lr", lr, "> 0")
+        check(isinstance(steps, int) and steps >= 1, owner, "steps", steps, "an integer >= 1")
+        check(optimizer in _OPTIMIZERS, owner, "optimizer", optimizer, "'adam' or 'sgd'")
+        check(0 <= momentum < 1, owner, "momentum", momentum, "in [0, 1)")
+        betas = tuple(float(b) for b in betas)
+        check(len(betas) == 2 and all(0 <= b < 1 for b in betas), owner, "betas", betas, "two numbers in [0, 1)")
+        check(weight_decay >= 0, owner, "weight_decay", weight_decay, ">= 0")
+        check(
+            not (optimizer == "sgd" and nesterov and momentum == 0),
+            owner,
+            "nesterov",
+            nesterov,
+            "False when optimizer='sgd' has momentum 0",
+        )
+        check(train_mode in _TRAIN_MODES, owner, "train_mode", train_mode, "'all' or 'norm'")
+        self.model = model
+        self.mode, self.steps, self.episodic, self.train_mode = mode, steps, bool(episodic), train_mode
+        self.adapted_names: list[str] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._source_state: dict[str, torch.Tensor] | None = None
+        self._optimizer_state: dict | None = None
+        self.last_loss: torch.Tensor | None = None  # mean entropy of the last adapted batch, before its update
+
+        has_bn = bool(_batch_norms(model))
+        if mode == "norm":
+            if not has_bn:
+                warnings.warn(
+                    f"{owner}: mode='norm' on a model without BatchNorm changes nothing: its predictions "
+                    "are the source model's",
+                    stacklevel=2,
+                )
+            _use_batch_statistics(model)
+        elif mode == "tent":
+            params, names = collect_norm_params(model)
+            check(
+                bool(params),
+                owner,
+                "model",
+                type(model).__name__,
+                "a model with BatchNorm (or GroupNorm / LayerNorm) affine parameters to adapt",
+            )
+            if not has_bn:
+                warnings.warn(
+                    f"{owner}: the model has no BatchNorm; adapting the affine parameters of its GroupNorm / LayerNorm "
+                    f"layers instead ({len(names)} tensors), an extension beyond the paper",
+                    stacklevel=2,
+                )
+            model.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            _use_batch_statistics(model)
+            if optimizer == "adam":
+                self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+            else:
+                self.optimizer = torch.optim.SGD(
+                    params,
+                    lr=lr,
+                    momentum=momentum,
+                    dampening=0.0,
+                    weight_decay=weight_decay,
+                    nesterov=nesterov and momentum > 0,
+                )
+            self.adapted_names = names
+            log.info(
+                "TENT adapts %d parameter tensors (%d values): %s",
+                len(params),
+                sum(p.numel() for p in params),
+                ", ".join(names),
+            )
+            self._source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self._apply_modes()
+
+    # ---- modes ----------------------------------------------------------------------------------------------
+
+    def _apply_modes(self) -> None:
+        if self.mode == "tent" and self.train_mode == "all":
+            self.model.train()  # official: the whole model, dropout included
+            return
+        self.model.eval()
+        if self.mode == "source":
+            return
+        norm_kinds = _BATCH_NORM if self.mode == "norm" or _batch_norms(self.model) else _FALLBACK_NORMS
+        for module in self.model.modules():
+            if isinstance(module, norm_kinds):
+                module.train()
+
+    def train(self, mode: bool = True) -> TentAdapter:
+        """Keeps the modes ``mode=...`` configured (see the class docstring); only the adapter's own flag changes."""
+        self.training = mode
+        self._apply_modes()
+        return self
+
+    # ---- adaptation -----------------------------------------------------------------------------------------
+
+    @property
+    def adapted_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (empty unless ``mode="tent"``)."""
+        return [] if self.optimizer is None else [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode != "tent":
+            return self.model(x)
+        if self.episodic:
+            self.reset()
+        with torch.inference_mode(False), torch.enable_grad():
+            if x.is_inference():
+                x = x.clone()  # an inference tensor cannot be saved for backward
+            for _ in range(self.steps):
+                outputs = self._forward_and_adapt(x)
+        return outputs
+
+    def _forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self.model(x)  # (B, C)
+        loss = softmax_entropy(outputs).mean(0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()
+        return outputs.detach()
+
+    def reset(self) -> None:
+        """Restore the model and optimizer states saved at construction (no-op outside ``tent`` mode, where
+        nothing changes)."""
+        if self._source_state is None:
+            return
+        with torch.inference_mode(False), torch.no_grad():  # also from Lightning hooks run under inference mode
+            self.model.load_state_dict(self._source_state, strict=True)
+            self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
+
+    def extra_repr(self) -> str:
+        text = f"mode={self.mode!r}"
+        if self.mode == "tent":
+            text += f", steps={self.steps}, episodic={self.episodic}, train_mode={self.train_mode!r}"
+        return text
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+# ----------------------------------------------------------------------------------------------------- Lightning
+
+
+class _ErrorRate(MulticlassAccuracy):
+    """Top-1 error, ``1 - accuracy`` (micro average over items), with MulticlassAccuracy's states and DDP sync."""
+
+    higher_is_better = False
+
+    def compute(self) -> torch.Tensor:
+        return 1.0 - super().compute()
+
+
+class _DomainMetrics(nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.error = _ErrorRate(num_classes=num_classes, average="micro")
+        self.entropy = MeanMetric()
+        self.count = SumMetric()
+
+
+class TentModule(CheckpointGuard, L.LightningModule):
+    """Test-time adaptation in Lightning's test loop: ``trainer.test(TentModule(...), datamodule=...)``.
+
+    Every test dataloader is a domain (``CIFAR10CDataModule``: one per corruption and severity, named by its
+    ``domains``). Each batch goes through a :class:`TentAdapter`, which adapts on it (``mode="tent"``) and returns
+    the predictions made before its update; those are scored. With ``reset="each_domain"`` (the official
+    ``cifar10c.py`` protocol) the model and optimizer go back to the source state at the start of every dataloader
+    (the first one included, so a second ``trainer.test`` starts afresh); with ``"never"`` adaptation is continual,
+    across domains and across ``trainer.test`` calls (:meth:`reset` by hand). ``episodic=True`` resets before
+    every batch.
+
+    Logged (per domain, ``add_dataloader_idx=False``): ``test/error/<domain>`` (1 - top-1 accuracy, torchmetrics)
+    and ``test/entropy/<domain>`` (mean softmax entropy of the scored predictions, nats); at the end
+    ``test/error_mean`` and ``test/entropy_mean`` (unweighted means over domains). :attr:`results` holds the rows;
+    ``<log_dir>/tent/summary.md``, ``summary.csv`` and ``error_per_domain.png`` are written on rank zero (``log_dir``:
+    the first logger's, else ``default_root_dir``), and the figure and table go to TensorBoard when it logs.
+
+    The module does not train: ``trainer.fit`` raises. Lightning runs the test loop under inference mode; the
+    adapter leaves it for its own forward and update, so the default ``Trainer(inference_mode=True)`` works.
+    ``predict`` adapts too (one domain per predict dataloader) and returns ``{"logits", "probs", "pred"}``.
+
+    Args:
+        model: see :func:`load_classifier` (``nn.Module``, ``"robustbench:Standard"``, zoo name, weights file path).
+        mode, lr, steps, episodic, optimizer, momentum, betas, weight_decay, nesterov, train_mode: the
+            :class:`TentAdapter`'s (defaults: the official CIFAR-10-C settings).
+        reset: ``"each_domain"`` or ``"never"``.
+        domains: names of the test dataloaders; default: the datamodule's ``domains``, else ``domain0``, ...
+        num_classes: defaults to ``model.num_classes``, else the last Linear layer's width.
+        robustbench_dataset, robustbench_threat_model, robustbench_dir: for ``model="robustbench:<name>"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        mode: Literal["tent", "norm", "source"] = "tent",
+        lr: float = 1e-3,
+        steps: int = 1,
+        episodic: bool = False,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        nesterov: bool = True,
+        train_mode: Literal["all", "norm"] = "all",
+        reset: Literal["each_domain", "never"] = "each_domain",
+        domains: list[str] | None = None,
+        num_classes: int | None = None,
+        robustbench_dataset: str = "cifar10",
+        robustbench_threat_model: str = "corruptions",
+        robustbench_dir: str | None = None,
+    ):
+        super().__init__()
+        check(
+            isinstance(model, (nn.Module, str)),
+            "TentModule",
+            "model",
+            model,
+            "an nn.Module, 'robustbench:<name>', a zoo entry, a weights file or a registered net name",
+        )
+        check(reset in _RESETS, "TentModule", "reset", reset, "'each_domain' or 'never'")
+        check(
+            domains is None or (len(set(map(str, domains))) == len(domains)),
+            "TentModule",
+            "domains",
+            domains,
+            "None or distinct names",
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+            if isinstance(self.hparams.get("model"), nn.Module):
+                self.save_hyperparameters(ignore=["model"])
+                self.hparams["model"] = None  # a Python object is not a hyperparameter
+        net = load_classifier(
+            model,
+            robustbench_dataset=robustbench_dataset,
+            robustbench_threat_model=robustbench_threat_model,
+            robustbench_dir=robustbench_dir,
+        )
+        inferred = _num_classes(net)
+        self.num_classes = int(num_classes if num_classes is not None else (inferred or 0))
+        check(
+            self.num_classes >= 2,
+            "TentModule",
+            "num_classes",
+            num_classes,
+            f"given (>= 2): it cannot be read from the model ({type(net).__name__})",
+        )
+        self.adapter = TentAdapter(
+            net,
+            mode=mode,
+            lr=lr,
+            steps=steps,
+            episodic=episodic,
+            optimizer=optimizer,
+            momentum=momentum,
+            betas=betas,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            train_mode=train_mode,
+        )
+        self.domain_metrics = nn.ModuleList()
+        self.domain_names: list[str] = []
+        self.results: list[dict] = []  # one row per domain after a test run: domain, error, entropy, n
+        self._current_domain: int | None = None
+
+    # ---- the adapted model ----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(x)
+
+    def reset(self) -> None:
+        """Back to the source weights and a fresh optimizer state."""
+        self.adapter.reset()
+
+    def start_domain(self, dataloader_idx: int) -> None:
+        """Called before the first batch of every dataloader: resets with ``reset="each_domain"``."""
+        self._current_domain = dataloader_idx
+        if self.hparams.reset == "each_domain":
+            self.adapter.reset()
+
+    @staticmethod
+    def _split(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(batch, torch.Tensor):
+            return batch, None
+        if isinstance(batch, dict):
+            return batch["x"], batch.get("y")
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+
+    # ---- test -----------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.mode == "tent":
+            warn_if_xla(
+                self,
+                "mode='tent' takes its own optimizer step inside every test batch, outside the training "
+                "loop where Lightning's XLA strategy cuts and runs the graph (modes 'source' and 'norm' "
+                "are XLA-ready)",
+            )
+
+    def _names_for(self, n: int) -> list[str]:
+        given = self.hparams.domains
+        if given is not None:
+            check(len(given) == n, "TentModule", "domains", given, f"{n} names, one per test dataloader")
+            return [str(d) for d in given]
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "domains", None)
+        if names is not None and len(names) == n and len(set(map(str, names))) == n:
+            return [str(d) for d in names]
+        return [f"domain{i}" for i in range(n)]
+
+    def on_test_start(self) -> None:
+        n = len(self.trainer.num_test_batches)
+        self.domain_names = self._names_for(n)
+        with torch.inference_mode(False):  # fresh metric states, as normal tensors
+            self.domain_metrics = nn.ModuleList(_DomainMetrics(self.num_classes) for _ in range(n)).to(self.device)
+        self.results = []
+        self._current_domain = None
+
+    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx != self._current_domain:
+            self.start_domain(dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = self._split(batch)
+        if y is None:
+            raise ValueError("TentModule: test batches must hold labels, (x, y) or {'x', 'y'}")
+        logits = self.adapter(x)  # (B, C): predictions before this batch's update
+        entropy = softmax_entropy(logits)  # (B,)
+        metrics: _DomainMetrics = self.domain_metrics[dataloader_idx]
+        metrics.error.update(logits, y)
+        metrics.entropy.update(entropy)
+        metrics.count.update(torch.tensor(float(len(y)), device=logits.device))
+        name, n = self.domain_names[dataloader_idx], len(y)
+        common = dict(on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=n)
+        self.log(
+            f"test/error/{name}", metrics.error, metric_attribute=f"domain_metrics.{dataloader_idx}.error", **common
+        )
+        self.log(
+            f"test/entropy/{name}",
+            metrics.entropy,
+            metric_attribute=f"domain_metrics.{dataloader_idx}.entropy",
+            **common,
+        )
+
+    def on_test_epoch_end(self) -> None:
+        rows = []
+        for name, metrics in zip(self.domain_names, self.domain_metrics):
+            if metrics.count.update_count == 0:
+                continue  # an empty dataloader
+            rows.append(
+                {
+                    "domain": name,
+                    "error": float(metrics.error.compute()),
+                    "entropy": float(metrics.entropy.compute()),
+                    "n": int(metrics.count.compute()),
+                }
+            )
+        self.results = rows
+        if not rows:
+            return
+        mean_error = sum(r["error"] for r in rows) / len(rows)
+        mean_entropy = sum(r["entropy"] for r in rows) / len(rows)
+        self.log("test/error_mean", mean_error, add_dataloader_idx=False)
+        self.log("test/entropy_mean", mean_entropy, add_dataloader_idx=False)
+        # trainer.log_dir broadcasts from rank zero: read it on every rank, outside the rank-zero function.
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        self._write_summary(Path(root) / "tent", rows, mean_error, mean_entropy)
+
+    # ---- summary --------------------------------------------------------------------------------------------
+
+    def summary_markdown(self, rows: list[dict] | None = None) -> str:
+        """The per-domain table (error in %), with the mean as the last row."""
+        rows = self.results if rows is None else rows
+        hp = self.hparams
+        lines = [
+            f"TENT test-time adaptation: mode={hp.mode}, reset={hp.reset}, episodic={hp.episodic}",
+            "",
+            "| domain | error (%) | entropy | n |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        lines += [f"| {r['domain']} | {100 * r['error']:.2f} | {r['entropy']:.4f} | {r['n']} |" for r in rows]
+        if rows:
+            mean_error = sum(r["error"] for r in rows) / len(rows)
+            mean_entropy = sum(r["entropy"] for r in rows) / len(rows)
+            lines.append(f"| **mean** | {100 * mean_error:.2f} | {mean_entropy:.4f} | {sum(r['n'] for r in rows)} |")
+        return "\n".join(lines) + "\n"
+
+    def figure(self, rows: list[dict] | None = None):
+        """Bar chart of the error per domain with the mean as a line (a matplotlib Figure on the Agg canvas)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        rows = self.results if rows is None else rows
+        fig = Figure(figsize=(min(40.0, max(6.0, 0.35 * len(rows) + 2.0)), 4.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        errors = [100 * r["error"] for r in rows]
+        ax.bar(range(len(rows)), errors, color="tab:blue")
+        if rows:
+            mean = sum(errors) / len(errors)
+            ax.axhline(mean, color="tab:red", linestyle="--", label=f"mean = {mean:.2f}%")
+            ax.legend(loc="best")
+        ax.set_xticks(range(len(rows)), [r["domain"] for r in rows], rotation=90, fontsize=7)
+        ax.set_ylabel("error (%)")
+        ax.set_title(f"Error per domain (mode={self.hparams.mode}, reset={self.hparams.reset})")
+        return fig
+
+    @rank_zero_only
+    def _write_summary(self, out_dir: Path, rows: list[dict], mean_error: float, mean_entropy: float) -> None:
+        # Atomic writes (temporary file + rename): a reader or a killed run never sees half a table or figure.
+        markdown = self.summary_markdown(rows)
+        write_atomic(out_dir / "summary.md", markdown.encode("utf-8"))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["domain", "error", "entropy", "n"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        total = sum(r["n"] for r in rows)
+        writer.writerow({"domain": "mean", "error": mean_error, "entropy": mean_entropy, "n": total})
+        write_atomic(out_dir / "summary.csv", buffer.getvalue().encode("utf-8"))
+        fig = self.figure(rows)
+        save_figure(fig, out_dir / "error_per_domain.png")
+        for logger in self.trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):  # TensorBoard's SummaryWriter
+                experiment.add_figure("tent/error_per_domain", fig, global_step=self.trainer.global_step)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("tent/summary", markdown, global_step=self.trainer.global_step)
+
+    # ---- predict --------------------------------------------------------------------------------------------
+
+    def on_predict_start(self) -> None:
+        self._current_domain = None
+
+    def on_predict_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx != self._current_domain:
+            self.start_domain(dataloader_idx)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        x, _ = self._split(batch)
+        logits = self.adapter(x)
+        return {"logits": logits, "probs": logits.softmax(dim=-1), "pred": logits.argmax(dim=-1)}
+
+    # ---- no training ----------------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx: int):
+        raise RuntimeError("TentModule does not train: it adapts at test time; run trainer.test(...)")
+
+    def configure_optimizers(self):
+        raise RuntimeError(
+            "TentModule does not train (the adapter owns its optimizer): run trainer.test(...), not trainer.fit(...)"
+        )
