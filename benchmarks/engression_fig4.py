@@ -32,11 +32,14 @@ def run_one(job: dict) -> dict:
 
     from reprozoo.datamodules import SyntheticRegressionDataModule
     from reprozoo.methods.engression import EngressionRegressor
+    from reprozoo.nets import StochasticMLP
 
     torch.set_num_threads(1)
     L.seed_everything(job["seed"], verbose=False)
     dm = SyntheticRegressionDataModule(function=job["function"], noise=job["noise"], seed=job["seed"], n_test=400)
-    model = EngressionRegressor(loss=METHODS[job["method"]], lr=5e-3)
+    loss = METHODS[job["method"]]
+    generator = StochasticMLP(noise_dim=100 if loss == "energy" else 0)  # the official StoNet; baselines: no noise
+    model = EngressionRegressor(generator, loss=loss, lr=5e-3)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,

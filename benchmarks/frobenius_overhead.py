@@ -1,4 +1,4 @@
-"""Overhead of ``FrobeniusNormMonitor(every_n_steps=1)``: its worst case, a measurement (one fused norm kernel, one
+"""Overhead of ``FrobeniusNormMonitor(every_n_steps=1)``: its worst case, a measurement (one norm kernel per tensor, one
 host sync, one ``log_dict``) after every optimizer step.
 
 The same MLP is trained on random data with and without the callback, in the same process, alternating the two
@@ -67,7 +67,7 @@ def run(loader: DataLoader, args: argparse.Namespace, monitored: bool) -> float:
 
 
 def measurement_ms(args: argparse.Namespace, repeats: int = 300) -> float:
-    """Milliseconds for one measurement of the weights alone: the fused norms and the single host copy."""
+    """Milliseconds for one measurement of the weights alone: the norms and the single host copy."""
     model, monitor = MLP(args.width, args.depth), FrobeniusNormMonitor()
     named = list(model.named_parameters())
     monitor._measure(named)[1].cpu()

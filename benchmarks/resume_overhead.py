@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from reprozoo.callbacks import RNGStateCheckpoint
-from reprozoo.datamodules import ResumableBatchSampler, ResumableDataLoader, SeededRandomSampler
+from reprozoo.datamodules import ResumableDataLoader, ResumableSampler, SeededRandomSampler
 
 
 def _epoch_seconds(loader) -> float:
@@ -39,9 +39,7 @@ def main() -> None:
     data = TensorDataset(torch.randn(args.items, 784), torch.randint(0, 10, (args.items,)))
     plain = DataLoader(data, batch_size=args.batch_size, shuffle=True)
     sampler = SeededRandomSampler(data, seed=0)
-    resumable = ResumableDataLoader(
-        data, batch_sampler=ResumableBatchSampler(sampler, args.batch_size, drop_last=False)
-    )
+    resumable = ResumableDataLoader(data, sampler=ResumableSampler(sampler), batch_size=args.batch_size)
 
     times: dict[str, list[float]] = {"DataLoader(shuffle=True)": [], "ResumableDataLoader": []}
     for epoch in range(args.rounds):

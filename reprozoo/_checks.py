@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
-from reprozoo._xla import on_xla
+from reprozoo._xla import attached_trainer, on_xla
 
 __all__ = [
     "CheckpointError",
@@ -89,14 +88,35 @@ _TRM_NET_ARGS = (
 )
 
 
+# Likewise EngressionRegressor's generator (its L1/L2 baselines built it without noise whatever noise_dim said).
+_ENGRESSION_NET_ARGS = (
+    "in_dim",
+    "out_dim",
+    "hidden_dim",
+    "num_layer",
+    "noise_dim",
+    "noise_type",
+    "noise_scale",
+    "noise_every_layer",
+    "resblock",
+    "batch_norm",
+)
+
+
 def current_hparams(class_path: str, hparams: dict) -> dict:
     """Hyperparameters written before the layout of issue 15, as the classes take them today: class paths made
-    current, and a TRMModule's network arguments moved into its ``net``."""
+    current, and the network arguments of a TRMModule or an EngressionRegressor moved into its network's."""
     hparams = current_class_paths(dict(hparams))
-    if current_class_path(class_path) == "reprozoo.methods.trm.TRMModule" and "net" not in hparams:
+    cls = current_class_path(class_path)
+    if cls == "reprozoo.methods.trm.TRMModule" and "net" not in hparams:
         init_args = {key: hparams.pop(key) for key in _TRM_NET_ARGS if key in hparams}
         init_args |= {"rope_theta": 10000.0, "norm_eps": 1e-05}  # fixed in TRMModule until then
-        hparams["net"] = {"class_path": "reprozoo.nets.trm.TinyRecursiveNetwork", "init_args": init_args}
+        hparams["net"] = {"class_path": "reprozoo.nets.TinyRecursiveNetwork", "init_args": init_args}
+    if cls == "reprozoo.methods.engression.EngressionRegressor" and "generator" not in hparams:
+        init_args = {key: hparams.pop(key) for key in _ENGRESSION_NET_ARGS if key in hparams}
+        if hparams.get("loss", "energy") != "energy":
+            init_args["noise_dim"] = 0
+        hparams["generator"] = {"class_path": "reprozoo.nets.StochasticMLP", "init_args": init_args}
     return hparams
 
 
@@ -123,7 +143,7 @@ def check_finite_loss(module, loss: torch.Tensor, batch_idx: int, where: str = "
     Call it before ``backward`` / returning the loss from ``training_step``. ``where`` adds detail to the message
     (e.g. ``", supervision step 3 of 16"``). It reads one flag on the host per call (a device sync on GPUs); on XLA
     devices it does nothing, since a host read would cut the traced step graph (see :mod:`reprozoo._xla`)."""
-    trainer = getattr(module, "_trainer", None)
+    trainer = attached_trainer(module)
     if trainer is not None and on_xla(trainer):
         return
     bad = not bool(torch.isfinite(loss.detach()).all())
@@ -270,7 +290,7 @@ class CheckpointGuard:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
         writer = _writer(checkpoint)
-        path = _LOADING.get() or getattr(getattr(self, "_trainer", None), "ckpt_path", None)  # the trainer's restore
+        path = _LOADING.get() or getattr(attached_trainer(self), "ckpt_path", None)  # the trainer's restore
         source = f"checkpoint {path}" if path else "the checkpoint"
         if writer is not None:
             if not _accepts(cls, writer):
@@ -285,7 +305,7 @@ class CheckpointGuard:
                 )
         super().on_load_checkpoint(checkpoint)
 
-    @_restricted_classmethod
+    @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's ``load_from_checkpoint``, after checking that a local file is complete
         (:func:`check_checkpoint_file`); a checkpoint of another class fails with a :class:`CheckpointError`

@@ -15,10 +15,20 @@ training loop, which Lightning's XLA strategy does not mark as step boundaries. 
 
 from __future__ import annotations
 
+import lightning as L
 from lightning.pytorch.accelerators import XLAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["on_xla", "warn_if_xla"]
+__all__ = ["attached_trainer", "on_xla", "warn_if_xla"]
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer that runs ``module``; None when it is not attached to one (or is run by Fabric)."""
+    try:
+        trainer = module.trainer  # raises RuntimeError when not attached
+    except RuntimeError:
+        return None
+    return trainer if isinstance(trainer, L.Trainer) else None
 
 
 def on_xla(trainer) -> bool:
@@ -29,7 +39,7 @@ def on_xla(trainer) -> bool:
 def warn_if_xla(module, reason: str) -> bool:
     """Warn once (rank zero) that ``module`` is not XLA-ready, and why, when its trainer runs on XLA. Returns
     whether it warned."""
-    trainer = getattr(module, "_trainer", None)
+    trainer = attached_trainer(module)
     if trainer is None or not on_xla(trainer):
         return False
     rank_zero_warn(

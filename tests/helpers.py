@@ -5,6 +5,7 @@ import torch
 
 from reprozoo.datamodules import SyntheticRegressionDataModule
 from reprozoo.methods.engression import EngressionRegressor
+from reprozoo.nets import StochasticMLP
 
 
 def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
@@ -21,10 +22,14 @@ def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
     return L.Trainer(**defaults)
 
 
+_GENERATOR_ARGS = set(StochasticMLP().config)
+
+
 def tiny_engression(**kwargs) -> EngressionRegressor:
-    defaults = dict(hidden_dim=16, noise_dim=4, lr=5e-3, eval_samples=20)
-    defaults.update(kwargs)
-    return EngressionRegressor(**defaults)
+    """A small EngressionRegressor; generator arguments (``hidden_dim=...``) go to its StochasticMLP."""
+    net = dict(hidden_dim=16, noise_dim=4 if kwargs.get("loss", "energy") == "energy" else 0)
+    net.update({key: kwargs.pop(key) for key in list(kwargs) if key in _GENERATOR_ARGS})
+    return EngressionRegressor(StochasticMLP(**net), **(dict(lr=5e-3, eval_samples=20) | kwargs))
 
 
 def tiny_data(**kwargs) -> SyntheticRegressionDataModule:

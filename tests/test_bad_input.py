@@ -39,7 +39,7 @@ from reprozoo.methods.engression import EngressionRegressor
 from reprozoo.methods.nca import NCAModule
 from reprozoo.methods.tent import TentAdapter, TentModule
 from reprozoo.methods.trm import TRMModule
-from reprozoo.nets import MLP, TinyRecursiveNetwork
+from reprozoo.nets import MLP, StochasticMLP, TinyRecursiveNetwork
 from reprozoo.zoo import registry
 from reprozoo.zoo.registry import WeightsError, load_model
 from tests.conftest import ROOT, real_data
@@ -212,8 +212,10 @@ OUT_OF_RANGE = [
     (EngressionRegressor, dict(eval_samples=1), "EngressionRegressor: eval_samples must"),
     (EngressionRegressor, dict(interval=1.0), "EngressionRegressor: interval must"),
     (EngressionRegressor, dict(loss="huber"), "EngressionRegressor: loss must"),
-    (EngressionRegressor, dict(hidden_dim=0), "EngressionRegressor: hidden_dim must"),
-    (EngressionRegressor, dict(num_layer=1), "EngressionRegressor: num_layer must"),
+    (StochasticMLP, dict(hidden_dim=0), "StochasticMLP: hidden_dim must"),
+    (StochasticMLP, dict(num_layer=1), "StochasticMLP: num_layer must"),
+    (EngressionRegressor, dict(loss="l1"), "EngressionRegressor: generator.noise_dim must be 0"),
+    (EngressionRegressor, dict(generator=torch.nn.Linear(1, 1)), "EngressionRegressor: generator must"),
     (TRMModule, dict(n=0), "TRMModule: n must"),
     (TRMModule, dict(n_sup=0), "TRMModule: n_sup must"),
     (TRMModule, dict(ema_decay=1.0), "TRMModule: ema_decay must"),
@@ -771,7 +773,7 @@ def test_checkpoint_without_a_record_is_compared_by_its_weights(ckpts, tmp_path)
     stripped = tmp_path / "old.ckpt"
     torch.save(saved, stripped)
     with pytest.raises(CheckpointError, match=r"does not name the class that wrote it.*\['generator'"):
-        NCAModule.load_from_checkpoint(stripped)
+        NCAModule.load_from_checkpoint(stripped, in_dim=1)  # built as asked, then its weights are compared
     EngressionRegressor.load_from_checkpoint(stripped)  # its own class still loads it
 
 
@@ -988,7 +990,7 @@ def test_diverging_cli_run_stops_and_keeps_its_checkpoints(work):
                 "100",
                 "--model.init_args.lr",
                 "1e30",
-                "--model.init_args.batch_norm",
+                "--model.init_args.generator.init_args.batch_norm",
                 "false",
                 "--checkpoint.dirpath",
                 str(ckpt_dir),

@@ -83,7 +83,7 @@ def test_zoo_export_from_cli_checkpoint(fitted, tmp_path, capsys):
     card = json.loads((tmp_path / "engression_cli.tiny.json").read_text())
     assert card["module"] == "reprozoo.methods.engression.EngressionRegressor"  # read from the checkpoint
     assert card["metrics"] == {"test/crps": 0.4}
-    assert card["hparams"]["hidden_dim"] == 100 and card["hparams"]["weights"] is None
+    assert card["hparams"]["generator"]["init_args"]["hidden_dim"] == 100 and card["hparams"]["weights"] is None
     assert main(["zoo", "export", str(ckpt), "--name", "bad name", "--out", str(tmp_path)]) == 2
     assert "method_arch.data" in capsys.readouterr().err
 
@@ -156,7 +156,7 @@ def test_head_mode_from_config_trains_exports_and_reloads(tmp_path, monkeypatch)
             *TINY,
             "--test_after_fit",
             "false",
-            "--model.init_args.in_dim",
+            "--model.init_args.generator.init_args.in_dim",
             "8",
             "--model.init_args.backbone",
             '{"class_path": "torch.nn.Linear", "init_args": {"in_features": 1, "out_features": 8}}',

@@ -54,9 +54,10 @@ RENAMES: dict[str, str] = {
     "reprozoo.zoo.nets.MLP": "reprozoo.nets.MLP",
 }
 
-# What moved since the goldens were recorded, in structure rather than in name: TRMModule's network arguments are
-# those of its `net` (issue 15, "network once"), which also shows the network's two constants that TRMModule never
-# exposed (rope_theta, norm_eps: their values are the ones TRMModule always used). Documented in docs/trm.md.
+# What moved since the goldens were recorded, in structure rather than in name (issue 15, "network once"; see
+# CHANGELOG.md): TRMModule's network arguments are those of its `net`, which also shows the network's two constants
+# that TRMModule never exposed (rope_theta, norm_eps: the values TRMModule always used); EngressionRegressor's are
+# those of its `generator`, whose noise_dim is 0 for the L1/L2 baselines (which always ran without noise).
 _TRM_NET_ARGS = (
     "vocab_size",
     "seq_len",
@@ -71,6 +72,20 @@ _TRM_NET_ARGS = (
 )
 
 
+_ENGRESSION_NET_ARGS = (
+    "in_dim",
+    "out_dim",
+    "hidden_dim",
+    "num_layer",
+    "noise_dim",
+    "noise_type",
+    "noise_scale",
+    "noise_every_layer",
+    "resblock",
+    "batch_norm",
+)
+
+
 def _moved(config: dict) -> dict:
     model = config.get("model") or {}
     if str(model.get("class_path", "")).endswith(".TRMModule"):
@@ -78,6 +93,12 @@ def _moved(config: dict) -> dict:
         net = {key: args.pop(key) for key in _TRM_NET_ARGS}
         net |= {"rope_theta": 10000.0, "norm_eps": 1e-05}
         model["init_args"] = {"net": {"class_path": "reprozoo.nets.TinyRecursiveNetwork", "init_args": net}} | args
+    if str(model.get("class_path", "")).endswith(".EngressionRegressor"):
+        args = model["init_args"]
+        net = {key: args.pop(key) for key in _ENGRESSION_NET_ARGS}
+        if args["loss"] != "energy":
+            net["noise_dim"] = 0
+        model["init_args"] = {"generator": {"class_path": "reprozoo.nets.StochasticMLP", "init_args": net}} | args
     return config
 
 

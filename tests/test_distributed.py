@@ -33,6 +33,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from torch import nn
 
 from reprozoo.cli import run_lightning
+from reprozoo.nets import StochasticMLP
 from tests.conftest import ROOT, real_data
 from tests.helpers import trm_net
 from tests.test_configs import config_args
@@ -239,9 +240,9 @@ ENGRESSION_SHRINK = [
     "100",
     "--data.init_args.batch_size",
     "50",
-    "--model.init_args.noise_dim",
+    "--model.init_args.generator.init_args.noise_dim",
     "0",
-    "--model.init_args.hidden_dim",
+    "--model.init_args.generator.init_args.hidden_dim",
     "16",
     "--model.init_args.eval_samples",
     "10",
@@ -546,7 +547,7 @@ def _classifier():
 def _engression():
     from reprozoo.methods.engression import EngressionRegressor
 
-    return EngressionRegressor(hidden_dim=8, noise_dim=2)
+    return EngressionRegressor(StochasticMLP(hidden_dim=8, noise_dim=2))
 
 
 NOT_XLA_READY = [

@@ -133,7 +133,7 @@ def test_export_refuses_without_class_and_bad_names(checkpoint, tmp_path):
 def test_strict_loading_refuses_other_architecture(exported, tmp_path):
     entry, weights_file, _ = exported
     payload = torch.load(weights_file, weights_only=True)
-    payload["hparams"]["hidden_dim"] = 32
+    payload["hparams"]["generator"]["init_args"]["hidden_dim"] = 32
     torch.save(payload, weights_file)
     card = entry.to_card() | {"sha256": registry.sha256_file(weights_file)}
     registry.register_weights(registry.WeightsEntry.from_card(card), overwrite=True)
@@ -160,28 +160,35 @@ def test_bad_card_is_refused(tmp_path):
         registry.register_weights(card)
 
 
-def test_zoo_files_written_before_the_layout_change_still_load(tmp_path):
-    """A TRM zoo file of the old layout (class under reprozoo.zoo.trm, the network's arguments flat in the module's
+@pytest.mark.parametrize(
+    "name, old_module, network",
+    [
+        ("trm_mlp64.sudoku_gen45", "reprozoo.zoo.trm.TRMModule", "net"),
+        ("engression_stonet.softplus_pre", "reprozoo.zoo.engression.EngressionRegressor", "generator"),
+    ],
+)
+def test_zoo_files_written_before_the_layout_change_still_load(name, old_module, network, tmp_path):
+    """A zoo file of the old layout (the class under reprozoo.zoo, the network's arguments flat in the module's
     hyperparameters) loads into the same model as the converted packaged entry."""
-    entry = registry.get_weights("trm_mlp64.sudoku_gen45")
+    entry = registry.get_weights(name)
     payload = torch.load(registry.PACKAGE_DIR / entry.file, map_location="cpu", weights_only=True)
     hparams = dict(payload["hparams"])
-    net = hparams.pop("net")["init_args"]
-    flat = hparams | {k: v for k, v in net.items() if k not in ("rope_theta", "norm_eps")}
-    torch.save({**payload, "module": "reprozoo.zoo.trm.TRMModule", "hparams": flat}, tmp_path / "old.pt")
+    net = hparams.pop(network)["init_args"]
+    flat = hparams | {k: v for k, v in net.items() if k not in ("rope_theta", "norm_eps")}  # TRM's two new ones
+    torch.save({**payload, "module": old_module, "hparams": flat}, tmp_path / "old.pt")
     data = (tmp_path / "old.pt").read_bytes()
     card = entry.to_card() | {
-        "name": "old_layout.trm",
+        "name": "old_layout.x",
         "file": "old.pt",
-        "module": "reprozoo.zoo.trm.TRMModule",
+        "module": old_module,
         "hparams": flat,
         "sha256": hashlib.sha256(data).hexdigest(),
         "size_bytes": len(data),
         "url": None,
     }
-    (tmp_path / "old_layout.trm.json").write_text(json.dumps(card))
+    (tmp_path / "old_layout.x.json").write_text(json.dumps(card))
 
-    old, new = registry.load_model(tmp_path / "old_layout.trm.json"), registry.load_model(entry.name)
-    assert type(old) is type(new) and old.hparams["net"] == new.hparams["net"]
+    old, new = registry.load_model(tmp_path / "old_layout.x.json"), registry.load_model(entry.name)
+    assert type(old) is type(new) and old.hparams[network] == new.hparams[network]
     assert old.state_dict().keys() == new.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))

@@ -182,7 +182,7 @@ def test_resumable_loader_order_and_skip(num_workers):
     assert isinstance(loader, ResumableDataLoader)
     first = [b[1].tolist() for b in loader]
     assert [b[1].tolist() for b in loader] == first  # no set_epoch: the same epoch again
-    loader.batch_sampler.set_epoch(1)
+    loader.set_epoch(1)
     second = [b[1].tolist() for b in loader]
     assert second != first
     assert sorted(sum(first, [])) == sorted(sum(second, [])) == sorted(data.splits["train"].tensors[1].tolist())

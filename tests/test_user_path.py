@@ -267,7 +267,15 @@ def test_checkpoint_of_another_method(work, trained, capsys):
 
 def test_diverging_run_is_one_line_and_keeps_its_logs(work, capsys):
     line = refused(
-        capsys, "fit", "--config", QUICK, *TINY, "--model.init_args.lr", "1e30", "--model.init_args.batch_norm", "false"
+        capsys,
+        "fit",
+        "--config",
+        QUICK,
+        *TINY,
+        "--model.init_args.lr",
+        "1e30",
+        "--model.init_args.generator.init_args.batch_norm",
+        "false",
     )
     assert "EngressionRegressor: the training loss is not finite" in line and "lower the learning rate" in line
     kept = digest(work / RUN / "version_0")

@@ -15,15 +15,14 @@ from reprozoo._files import save_figure
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def fused_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The Frobenius (entry-wise L2) norm of each tensor, as one 1-d tensor on the device of the first one.
 
-    One fused kernel launch per device and dtype (``torch._foreach_norm``) instead of one per tensor, and no host
-    synchronisation: the caller decides when to read the values back. Half-precision tensors are reduced to a float32
-    result, because a bfloat16/float16 norm loses digits and a float16 one overflows past 65504."""
+    No host synchronisation: the caller decides when to read the values back. Half-precision tensors are reduced to
+    a float32 result, because a bfloat16/float16 norm loses digits and a float16 one overflows past 65504. One kernel
+    launch per tensor (``torch.linalg.vector_norm``): torch's fused multi-tensor norm is a private API."""
     dense = [t.coalesce().values() if t.layout == torch.sparse_coo else t for t in tensors]  # sparse grads
-    # One call per input dtype: half-precision tensors get a float32 result, and the others keep their own dtype
-    # (_foreach_norm refuses to narrow float64), also in a model that mixes them.
+    # Half-precision tensors get a float32 result, and the others keep their own dtype, also in a model that mixes them.
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(dense):
         by_dtype.setdefault(t.dtype, []).append(i)
@@ -40,13 +39,7 @@ def fused_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _group_norms(tensors: list[torch.Tensor], out_dtype: torch.dtype | None) -> list[torch.Tensor]:
     """The norms of tensors of one dtype, as ``out_dtype`` (None: theirs)."""
-    foreach = getattr(torch, "_foreach_norm", None)
-    if foreach is not None:
-        try:
-            return list(foreach(tensors, 2, dtype=out_dtype))
-        except (NotImplementedError, RuntimeError, TypeError):
-            pass  # private API: a torch version, layout or device it does not cover
-    return [torch.linalg.vector_norm(t, dtype=out_dtype) for t in tensors]  # same values, one launch per tensor
+    return [torch.linalg.vector_norm(t, dtype=out_dtype) for t in tensors]
 
 
 def _module_of(name: str) -> str:
@@ -89,7 +82,7 @@ class FrobeniusNormMonitor(L.Callback):
             logger whose ``experiment`` has ``add_figure`` (TensorBoard).
         log_scale: a logarithmic y axis for that figure (norms of biases and weights differ by decades).
 
-    Cost: one fused norm kernel, a few vector ops and ONE device-to-host copy per measurement; nothing is
+    Cost: one norm kernel per tensor, a few vector ops and ONE device-to-host copy per measurement; nothing is
     modified (see ``benchmarks/frobenius_overhead.py``). Under sharded strategies (FSDP, DeepSpeed stage 3) each
     rank measures its own shard.
     A parameter or module literally named ``total`` would be shadowed by the total.
@@ -157,7 +150,7 @@ class FrobeniusNormMonitor(L.Callback):
             return None
         with torch.no_grad():
             names = [n for n, _ in named]
-            return self._reduce(names, fused_norms([t.detach() for _, t in named]))
+            return self._reduce(names, tensor_norms([t.detach() for _, t in named]))
 
     def _parameters(self, pl_module: L.LightningModule) -> list[tuple[str, torch.Tensor]]:
         # named_parameters() removes duplicates: a tied/shared tensor appears once, under its first name. Integer

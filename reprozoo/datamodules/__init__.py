@@ -1,6 +1,6 @@
 """LightningDataModules: real data loaders and the papers' synthetic problems."""
 
-from reprozoo.datamodules._base import ResumableBatchSampler, ResumableDataLoader, SeededRandomSampler
+from reprozoo.datamodules._base import ResumableDataLoader, ResumableSampler, SeededRandomSampler
 from reprozoo.datamodules.animal_faces import AnimalFacesDataModule
 from reprozoo.datamodules.cifar10c import CIFAR10CDataModule
 from reprozoo.datamodules.fashion_mnist import FashionMNISTDataModule
@@ -13,8 +13,8 @@ __all__ = [
     "CIFAR10CDataModule",
     "ConcentricRingsDataModule",
     "FashionMNISTDataModule",
-    "ResumableBatchSampler",
     "ResumableDataLoader",
+    "ResumableSampler",
     "SeededRandomSampler",
     "SudokuExtremeDataModule",
     "SyntheticRegressionDataModule",

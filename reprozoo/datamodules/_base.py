@@ -3,22 +3,22 @@ training loader that resumes exactly where a checkpoint left it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class SeededRandomSampler(Sampler[int]):
     """A shuffle whose order is a function of ``(seed, epoch)`` alone.
 
     ``RandomSampler`` draws each epoch's order from the global RNG, so a run resumed from a checkpoint sees other
-    examples than the run it continues. Under DDP Lightning wraps this sampler in a ``DistributedSamplerWrapper``
-    (each process takes its share of this order, ``set_epoch`` is passed on), so the order still follows the seed
-    kept in the checkpoint rather than whatever seed the resumed process was started with."""
+    examples than the run it continues. Under DDP :class:`ResumableSampler` deals this order to the processes, so
+    the order still follows the seed kept in the checkpoint rather than whatever seed the resumed process was
+    started with."""
 
     def __init__(self, data_source: Sized, seed: int = 0) -> None:
         self.data_source = data_source
@@ -36,84 +36,76 @@ class SeededRandomSampler(Sampler[int]):
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
-class ResumableBatchSampler(BatchSampler):
-    """A ``BatchSampler`` that can start an epoch part-way: ``skip`` index batches are dropped (no data is read for
-    them) on the next pass only. Its epoch is the wrapped sampler's (ours, or Lightning's DDP wrapper of ours)."""
+class ResumableSampler(DistributedSampler):
+    """The training sampler: the order of ``order`` (a sampler with ``set_epoch``, e.g. :class:`SeededRandomSampler`)
+    dealt to the processes of a distributed run as ``DistributedSampler`` deals (padded to a multiple of
+    ``num_replicas``, then every ``num_replicas``-th index from ``rank``), and able to start an epoch part-way:
+    ``skip`` indices are dropped, on the next pass only, without reading their data.
 
-    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
-        super().__init__(sampler, batch_size, drop_last)
-        if isinstance(sampler, DistributedSamplerWrapper):
-            # Lightning wraps our sampler for DDP with shuffle=True, which re-permutes our order with the global seed
-            # of the (possibly resumed) process; our sampler already shuffles, by the seed kept in the checkpoint.
-            sampler.shuffle = False
-        self._epoch = 0
+    Being a ``DistributedSampler``, Lightning neither replaces nor wraps it under DDP; the datamodule gives it the
+    trainer's ``world_size`` and ``global_rank``. One process: ``num_replicas=1, rank=0``."""
+
+    def __init__(self, order: Sampler[int], *, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(len(order)), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.order = order
         self.skip = 0
 
-    @property
-    def epoch(self) -> int:
-        # Lightning calls set_epoch on the sampler (not on the batch sampler): the sampler's epoch is the truth
-        return int(getattr(self.sampler, "epoch", self._epoch))
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
-        if callable(getattr(self.sampler, "set_epoch", None)):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[int]:
+        if callable(getattr(self.order, "set_epoch", None)):
+            self.order.set_epoch(self.epoch)
+        indices = list(self.order)
+        padding = self.total_size - len(indices)
+        if padding > 0:  # as DistributedSampler pads: repeat the start of the order
+            indices += (indices * math.ceil(padding / len(indices)))[:padding]
+        mine = indices[self.rank : self.total_size : self.num_replicas]
         skip, self.skip = self.skip, 0
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:
-                yield batch
+        yield from mine[skip:]
 
 
 class ResumableDataLoader(DataLoader):
     """The training loader: Lightning stores its ``state_dict`` (epoch, batches taken) in every checkpoint and
     loads it when a run resumes mid-epoch, so the resumed run reads exactly the batches the killed one had not.
 
-    Needs a ``ResumableBatchSampler``. ``__iter__`` is a generator: Lightning calls ``iter()`` before it sets the
-    epoch of a resumed run, and nothing (sampler order, worker seeds) is drawn until the first batch is asked for.
-    The worker seeds come from a generator seeded per epoch, not from the global RNG, so iterating does not
-    shift the random draws of the training step. Lightning's training loop does not prefetch from loaders with a
+    Needs a :class:`ResumableSampler` as ``sampler``. ``__iter__`` is a generator: Lightning calls ``iter()`` before
+    it sets the epoch of a resumed run, and nothing (sampler order, worker seeds) is drawn until the first batch is
+    asked for. The worker seeds come from a generator seeded per epoch, not from the global RNG, so iterating does
+    not shift the random draws of the training step. Lightning's training loop does not prefetch from loaders with a
     length, so the batches handed out are the batches trained on."""
 
     def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.batch_sampler, ResumableBatchSampler):
+        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
             raise TypeError(
-                f"ResumableDataLoader needs a ResumableBatchSampler, got {type(self.batch_sampler).__name__}"
+                f"ResumableDataLoader needs sampler=ResumableSampler(...) and a batch_size, got "
+                f"{type(self.sampler).__name__} and batch_size={self.batch_size}"
             )
-        # With a batch_sampler, DataLoader sets `sampler` to a SequentialSampler that is never used. Lightning reads
-        # `sampler` to build the DDP sampler and to set the epoch: it must see ours, to wrap it
-        # (DistributedSamplerWrapper) rather than replace it. (DataLoader forbids setting it after __init__.)
-        object.__setattr__(self, "sampler", self.batch_sampler.sampler)
         self.seed = seed
         self._taken = 0
 
     def __iter__(self) -> Iterator[Any]:
-        batch_sampler = self.batch_sampler
-        self._taken = batch_sampler.skip
-        self.generator = torch.Generator().manual_seed(self.seed + batch_sampler.epoch)
+        self._taken = self.sampler.skip // self.batch_size
+        self.generator = torch.Generator().manual_seed(self.seed + self.sampler.epoch)
         for batch in super().__iter__():
             self._taken += 1
             yield batch
 
     def set_epoch(self, epoch: int) -> None:
         """For hand-written loops (Lightning sets the sampler's epoch itself)."""
-        self.batch_sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.Generator does not survive the pickling of ddp_spawn / spawn workers; __iter__ makes a new one
         return {**self.__dict__, "generator": None}
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.batch_sampler.epoch, "batches": self._taken}
+        return {"epoch": self.sampler.epoch, "batches": self._taken}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = int(state["epoch"]), int(state["batches"])
         if batches >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
             epoch, batches = epoch + 1, 0
-        self.batch_sampler.set_epoch(epoch)
-        self.batch_sampler.skip = batches
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = batches * self.batch_size
         self._taken = batches
 
 
@@ -144,10 +136,13 @@ class _SplitsDataModule(L.LightningDataModule):
             trainer = self.trainer
             if trainer is not None and trainer.world_size > 1:  # unseeded runs: every rank must shuffle alike
                 self._shuffle_seed = trainer.strategy.broadcast(self._shuffle_seed, src=0)
-        sampler = self._train_sampler(self._shuffle_seed)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self._train_sampler(self._shuffle_seed), num_replicas=replicas, rank=rank)
         return ResumableDataLoader(
             self.splits["train"],
-            batch_sampler=ResumableBatchSampler(sampler, self.hparams.batch_size, drop_last=False),
+            sampler=sampler,
+            batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             seed=self._shuffle_seed,

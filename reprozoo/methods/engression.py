@@ -34,7 +34,7 @@ from torchmetrics.regression import ContinuousRankedProbabilityScore
 
 from reprozoo._checks import CheckpointGuard, check_finite_loss
 from reprozoo._validate import check
-from reprozoo.nets.stochastic_mlp import NoiseType, StochasticMLP
+from reprozoo.nets import StochasticMLP, net_from, net_record
 from reprozoo.zoo.registry import load_model, load_pretrained_into
 
 __all__ = ["EngressionRegressor", "energy_score"]
@@ -127,12 +127,13 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
     """Engression (``loss="energy"``) and its L1/L2 regression baselines in one LightningModule.
 
     Args:
-        in_dim: dimension of x (of the backbone's features in head mode).
-        out_dim: dimension of y.
-        hidden_dim, num_layer, noise_dim, noise_type, noise_scale, noise_every_layer, resblock, batch_norm:
-            the generator, see :class:`~reprozoo.nets.stochastic_mlp.StochasticMLP`. Defaults are the official package's
-            (2 layers, 100 hidden units, 100 normal noise dimensions at the input, BatchNorm).
-        loss: ``"energy"`` (engression), or ``"l1"`` / ``"l2"`` regression with the same network minus its noise.
+        generator: the network g(x, eps), a :class:`~reprozoo.nets.StochasticMLP` (in a config: ``class_path:
+            reprozoo.nets.StochasticMLP`` plus ``init_args``); its ``in_dim`` is the dimension of x (of the backbone's
+            features in head mode), its ``out_dim`` that of y. Default: the official package's (x and y of dimension 1,
+            2 layers, 100 hidden units, 100 normal noise dimensions at the input, BatchNorm). Its arguments are
+            recorded in the hyperparameters, so ``load_from_checkpoint(path)`` rebuilds it however it was given.
+        loss: ``"energy"`` (engression), or ``"l1"`` / ``"l2"`` regression with the same network minus its noise
+            (a generator with ``noise_dim=0``).
         beta: exponent of the energy score, in (0, 2) for a strictly proper score.
         m: samples per x in training (the official code draws 2).
         eval_samples: samples per x for validation, test and prediction.
@@ -149,17 +150,8 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
 
     def __init__(
         self,
-        in_dim: int = 1,
-        out_dim: int = 1,
+        generator: StochasticMLP | None = None,
         *,
-        hidden_dim: int = 100,
-        num_layer: int = 2,
-        noise_dim: int = 100,
-        noise_type: NoiseType = "normal",
-        noise_scale: float = 1.0,
-        noise_every_layer: bool = False,
-        resblock: bool = False,
-        batch_norm: bool = True,
         loss: Literal["energy", "l1", "l2"] = "energy",
         beta: float = 1.0,
         m: int = 2,
@@ -174,20 +166,16 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
         weights: str | None = None,
     ):
         super().__init__()
-        check(in_dim >= 1, "EngressionRegressor", "in_dim", in_dim, ">= 1")
+        generator = net_from(generator, StochasticMLP, "EngressionRegressor", "generator")
         check(loss in ("energy", "l1", "l2"), "EngressionRegressor", "loss", loss, "'energy', 'l1' or 'l2'")
         check(
-            noise_type in ("normal", "uniform"),
+            loss == "energy" or generator.noise_dim == 0,
             "EngressionRegressor",
-            "noise_type",
-            noise_type,
-            "'normal' or 'uniform'",
+            "generator.noise_dim",
+            generator.noise_dim,
+            f"0 for loss={loss!r}, a deterministic regression",
         )
-        check(hidden_dim >= 1, "EngressionRegressor", "hidden_dim", hidden_dim, ">= 1")
-        check(num_layer >= 2, "EngressionRegressor", "num_layer", num_layer, ">= 2 (input and output layer)")
-        check(noise_scale >= 0, "EngressionRegressor", "noise_scale", noise_scale, ">= 0")
         check(weight_decay >= 0, "EngressionRegressor", "weight_decay", weight_decay, ">= 0")
-        check(out_dim >= 1, "EngressionRegressor", "out_dim", out_dim, ">= 1")
         check(
             0 < beta < 2,
             "EngressionRegressor",
@@ -206,10 +194,10 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
         check(all(0 < q < 1 for q in quantiles), "EngressionRegressor", "quantiles", list(quantiles), "all in (0, 1)")
         check(0 < interval < 1, "EngressionRegressor", "interval", interval, "in (0, 1)")
         check(lr > 0, "EngressionRegressor", "lr", lr, "> 0")
-        check(noise_dim >= 0, "EngressionRegressor", "noise_dim", noise_dim, ">= 0")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-            self.save_hyperparameters()
+            self.save_hyperparameters(ignore=["generator"])
+        self.hparams["generator"] = net_record(generator)  # rebuilt from here however it was given
         if isinstance(self.hparams.get("backbone"), nn.Module):
             # Given as a Python object (not a class_path config or zoo name): it cannot be rebuilt from the
             # hyperparameters: pass it again to load_from_checkpoint(backbone=...). zoo export fails on its weights.
@@ -218,18 +206,8 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
         self.backbone = load_model(backbone) if isinstance(backbone, str) else backbone
         if self.backbone is not None and freeze_backbone:
             self.backbone.requires_grad_(False).eval()
-        self.generator = StochasticMLP(
-            in_dim,
-            out_dim,
-            hidden_dim=hidden_dim,
-            num_layer=num_layer,
-            noise_dim=noise_dim if loss == "energy" else 0,  # the baselines are deterministic regressions
-            noise_type=noise_type,
-            noise_scale=noise_scale,
-            noise_every_layer=noise_every_layer,
-            resblock=resblock,
-            batch_norm=batch_norm,
-        )
+        self.generator = generator
+        in_dim, out_dim = generator.in_dim, generator.out_dim
         # Standardisation statistics, measured on the training data at the start of the first fit.
         self.register_buffer("x_loc", torch.zeros(in_dim))
         self.register_buffer("x_scale", torch.ones(in_dim))
@@ -258,9 +236,9 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
             x = x.flatten(1)
         if x.dim() == 1:
             x = x.unsqueeze(1)
-        if x.shape[1] != self.hparams.in_dim:
+        if x.shape[1] != self.generator.in_dim:
             raise ValueError(
-                f"EngressionRegressor: got inputs (features) of dimension {x.shape[1]}, in_dim is {self.hparams.in_dim}"
+                f"EngressionRegressor: got inputs (features) of dimension {x.shape[1]}, in_dim is {self.generator.in_dim}"
             )
         return (x - self.x_loc) / self.x_scale
 
@@ -312,12 +290,13 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
 
     # --------------------------------------------------------------------------------------- standardisation
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
+        # The first hook that sees the training loader (the sanity check, before it, runs with the identity
+        # standardisation: its numbers are never logged).
         if bool(self.stats_ready):
             return  # resumed, fine-tuned from the zoo, or standardize=False
-        self.trainer.fit_loop.setup_data()  # idempotent: Lightning reuses this loader for the epoch
         loader = self.trainer.train_dataloader
-        d_in, d_out = self.hparams.in_dim, self.hparams.out_dim
+        d_in, d_out = self.generator.in_dim, self.generator.out_dim
         # float64 sums: the stats of 1e6 rows must not drift; fork_rng keeps the shuffling order of epoch 0 intact.
         sums = torch.zeros(2 * (d_in + d_out) + 1, dtype=torch.float64, device=self.device)
         with torch.random.fork_rng(devices=[]), torch.no_grad():

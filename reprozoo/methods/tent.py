@@ -78,7 +78,15 @@ MODES = ("tent", "norm", "source")
 _OPTIMIZERS = ("adam", "sgd")
 _RESETS = ("each_domain", "never")
 _TRAIN_MODES = ("all", "norm")
-_BATCH_NORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and their lazy variants
+_BATCH_NORM = (  # every BatchNorm of torch.nn (their common base class is private)
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
 _FALLBACK_NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 

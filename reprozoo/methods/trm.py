@@ -32,7 +32,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
@@ -43,9 +43,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
 from reprozoo._checks import CheckpointGuard, check_finite_loss
-from reprozoo._validate import check
 from reprozoo._xla import warn_if_xla
-from reprozoo.nets.trm import TinyRecursiveNetwork
+from reprozoo.nets import TinyRecursiveNetwork, net_from, net_record
 from reprozoo.sudoku import answer_problem, consistent, count_solutions, decode, encode, grid_problem, is_valid_solution
 from reprozoo.zoo.registry import load_pretrained_into
 
@@ -69,9 +68,6 @@ def _softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------------- module
-
-
-_NET_CLASS_PATHS = ("reprozoo.nets.trm.TinyRecursiveNetwork", "reprozoo.nets.TinyRecursiveNetwork")
 
 
 class TRMModule(CheckpointGuard, L.LightningModule):
@@ -158,16 +154,10 @@ class TRMModule(CheckpointGuard, L.LightningModule):
             raise ValueError(f"TRMModule: halt_exploration_prob must be in [0, 1], got {halt_exploration_prob}")
         if curriculum is not None and any(len(stage) != 2 or min(stage) < 1 for stage in curriculum):
             raise ValueError(f"TRMModule: curriculum must be a list of (n, T) pairs >= 1, got {curriculum}")
-        if net is None:
-            net = TinyRecursiveNetwork()
-        elif isinstance(net, Mapping):  # the record below, from a checkpoint written outside LightningCLI
-            check(net.get("class_path") in _NET_CLASS_PATHS, "TRMModule", "net", net, "a TinyRecursiveNetwork")
-            net = TinyRecursiveNetwork(**net.get("init_args", {}))
-        check(isinstance(net, TinyRecursiveNetwork), "TRMModule", "net", net, "a TinyRecursiveNetwork")
-        # The network's arguments go into the hyperparameters however it was given, so that a checkpoint rebuilds
-        # it: LightningCLI records the same class_path form for a network it built from a config.
+        net = net_from(net, TinyRecursiveNetwork, "TRMModule", "net")
+        # The network's arguments go into the hyperparameters however it was given, so that a checkpoint rebuilds it.
         self.save_hyperparameters(ignore=["net"])
-        self.hparams["net"] = {"class_path": _NET_CLASS_PATHS[0], "init_args": net.config}
+        self.hparams["net"] = net_record(net)
         self.automatic_optimization = False  # one optimizer step per supervision step
 
         self.cfg = net.cfg

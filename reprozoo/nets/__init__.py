@@ -19,9 +19,18 @@ Models:
   (``convnet``, ``convnet_residual``).
 * :class:`CifarResNet`: He et al. 2016's CIFAR ResNets (``resnet20/32/44/56``), laid out as
   akamaster/pytorch_resnet_cifar10 so its published weights load: see :func:`load_legacy_cifar_resnet`.
+* :class:`WideResNet`: WRN-28-10 in RobustBench's layout (:func:`load_wide_resnet_checkpoint`).
+
+Two networks outside the classifier interface, each the one definition its method uses:
+:class:`StochasticMLP` (engression's generator g(x, eps), the official StoNet) and :class:`TinyRecursiveNetwork`
+(TRM's f).
+
+The residual blocks differ on purpose: the CIFAR ResNet's (option-A zero-pad shortcut) and the WRN's (pre-activation)
+have the parameter layout of the published weights they load; the ConvNet's (L convs, 1x1 projection shortcut) is the
+homework's; StochasticMLP's adds noise to each of its two linear layers (the official StoResBlock).
 """
 
-from reprozoo.nets._registry import create_net, list_nets, register_net
+from reprozoo.nets._registry import create_net, list_nets, net_from, net_record, register_net
 from reprozoo.nets.convnet import ConvNet
 from reprozoo.nets.mlp import MLP
 from reprozoo.nets.resnet import CifarResNet, load_legacy_cifar_resnet
@@ -39,6 +48,8 @@ __all__ = [
     "WideResNet",
     "create_net",
     "list_nets",
+    "net_from",
+    "net_record",
     "load_legacy_cifar_resnet",
     "load_wide_resnet_checkpoint",
     "register_net",

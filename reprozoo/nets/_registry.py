@@ -51,3 +51,25 @@ def _check_widths(owner: str, field: str, widths: Sequence[int]) -> list[int]:
         "a sequence of integers >= 1",
     )
     return widths
+
+
+def net_record(net: nn.Module) -> dict:
+    """How a method records a network that has a ``config`` (its keyword arguments) in its hyperparameters: the
+    ``class_path`` form that LightningCLI records for a network it built from a config, so a checkpoint rebuilds the
+    network whether it was given in a config or as a Python object."""
+    cls = type(net)
+    module = "reprozoo.nets" if cls.__module__.startswith("reprozoo.nets.") else cls.__module__  # as configs name it
+    return {"class_path": f"{module}.{cls.__qualname__}", "init_args": dict(net.config)}
+
+
+def net_from(spec, cls: type[nn.Module], owner: str, field: str) -> nn.Module:
+    """The network ``spec`` of a method: a ``cls`` as it is, ``None`` for ``cls()``, or the record of
+    :func:`net_record` (read back from a checkpoint written outside LightningCLI)."""
+    if spec is None:
+        return cls()
+    if isinstance(spec, dict):
+        known = (f"{cls.__module__}.{cls.__qualname__}", f"reprozoo.nets.{cls.__qualname__}")
+        check(spec.get("class_path") in known, owner, field, spec, f"a {cls.__name__} or its class_path config")
+        return cls(**spec.get("init_args", {}))
+    check(isinstance(spec, cls), owner, field, spec, f"a {cls.__name__}")
+    return spec

@@ -22,7 +22,7 @@ def _conv_bn_relu(c_in: int, c_out: int, batch_norm: bool, relu: bool = True) ->
     return parts
 
 
-class _ResidualBlock(nn.Module):
+class _ConvResidualBlock(nn.Module):
     """``relu(main(x) + shortcut(x))``; main = ``L`` 3x3 convs (conv -> BN -> ReLU, the last one's ReLU after the
     sum), shortcut = identity, or a 1x1 conv (+ BN) when the channel count changes."""
 
@@ -112,7 +112,7 @@ class ConvNet(nn.Module):
         c_in, convs, pools = in_channels, 0, 0
         for k in blocks:
             if residual:
-                layers.append(_ResidualBlock(c_in, k, layers_per_block, batch_norm))
+                layers.append(_ConvResidualBlock(c_in, k, layers_per_block, batch_norm))
                 convs += layers_per_block
                 while pools < convs // pool_every:
                     layers.append(nn.MaxPool2d(2))

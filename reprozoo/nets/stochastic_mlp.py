@@ -1,4 +1,4 @@
-"""Networks shared by the methods of the zoo."""
+"""Engression's generator g(x, eps): an MLP fed with noise (Shen & Meinshausen 2024, the official ``StoNet``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from reprozoo._validate import check
 
 NoiseType = Literal["normal", "uniform"]
 
@@ -32,7 +34,7 @@ class _NoisyLinear(nn.Module):
         return self.norm(self.linear(h))
 
 
-class _ResidualBlock(nn.Module):
+class _NoisyResidualBlock(nn.Module):
     """Two noisy linear layers with a skip connection: h + f(h), then ReLU (the official StoResBlock shape)."""
 
     def __init__(self, dim: int, noise_dim: int, batch_norm: bool):
@@ -59,8 +61,8 @@ class StochasticMLP(nn.Module):
 
     def __init__(
         self,
-        in_dim: int,
-        out_dim: int,
+        in_dim: int = 1,
+        out_dim: int = 1,
         *,
         hidden_dim: int = 100,
         num_layer: int = 2,
@@ -72,15 +74,32 @@ class StochasticMLP(nn.Module):
         batch_norm: bool = True,
     ):
         super().__init__()
-        if num_layer < 2:
-            raise ValueError(f"num_layer must be >= 2 (input and output layer), got {num_layer}")
+        for field, value in {"in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim}.items():
+            check(isinstance(value, int) and value >= 1, "StochasticMLP", field, value, "an integer >= 1")
+        check(num_layer >= 2, "StochasticMLP", "num_layer", num_layer, ">= 2 (input and output layer)")
+        check(noise_dim >= 0, "StochasticMLP", "noise_dim", noise_dim, ">= 0")
+        check(noise_type in ("normal", "uniform"), "StochasticMLP", "noise_type", noise_type, "'normal' or 'uniform'")
+        check(noise_scale >= 0, "StochasticMLP", "noise_scale", noise_scale, ">= 0")
+        self.config = dict(
+            in_dim=in_dim,
+            out_dim=out_dim,
+            hidden_dim=hidden_dim,
+            num_layer=num_layer,
+            noise_dim=noise_dim,
+            noise_type=noise_type,
+            noise_scale=noise_scale,
+            noise_every_layer=noise_every_layer,
+            resblock=resblock,
+            batch_norm=batch_norm,
+        )  # the keyword arguments that build it again
+        self.in_dim, self.out_dim, self.noise_dim = in_dim, out_dim, noise_dim
         self.noise_type, self.noise_scale = noise_type, noise_scale
         inner_noise = noise_dim if noise_every_layer else 0
         self.input_layer = _NoisyLinear(in_dim, hidden_dim, noise_dim, batch_norm)
         num_hidden = num_layer - 2
         if resblock:
             self.hidden = nn.ModuleList(
-                _ResidualBlock(hidden_dim, inner_noise, batch_norm) for _ in range((num_hidden + 1) // 2)
+                _NoisyResidualBlock(hidden_dim, inner_noise, batch_norm) for _ in range((num_hidden + 1) // 2)
             )
         else:
             self.hidden = nn.ModuleList(
