@@ -33,11 +33,11 @@ from reprozoo.datamodules import (
     SudokuExtremeDataModule,
     SyntheticRegressionDataModule,
 )
+from reprozoo.methods import TentAdapter, TentModule
 from reprozoo.methods.classifier import ClassifierModule
 from reprozoo.methods.distillation import DistillationModule
 from reprozoo.methods.engression import EngressionRegressor
 from reprozoo.methods.nca import NCAModule
-from reprozoo.methods.tent import TentAdapter, TentModule
 from reprozoo.methods.trm import TRMModule
 from reprozoo.nets import MLP, StochasticMLP, TinyRecursiveNetwork
 from reprozoo.zoo import registry

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reprozoo._checks import current_hparams
 from reprozoo.cli import main
 from reprozoo.zoo import registry
 from tests.conftest import ROOT
@@ -54,51 +55,16 @@ RENAMES: dict[str, str] = {
     "reprozoo.zoo.nets.MLP": "reprozoo.nets.MLP",
 }
 
+
 # What moved since the goldens were recorded, in structure rather than in name (issue 15, "network once"; see
-# CHANGELOG.md): TRMModule's network arguments are those of its `net`, which also shows the network's two constants
-# that TRMModule never exposed (rope_theta, norm_eps: the values TRMModule always used); EngressionRegressor's are
-# those of its `generator`, whose noise_dim is 0 for the L1/L2 baselines (which always ran without noise).
-_TRM_NET_ARGS = (
-    "vocab_size",
-    "seq_len",
-    "hidden_size",
-    "num_layers",
-    "expansion",
-    "mixer",
-    "num_heads",
-    "puzzle_emb_len",
-    "puzzle_emb_ndim",
-    "num_puzzle_identifiers",
-)
-
-
-_ENGRESSION_NET_ARGS = (
-    "in_dim",
-    "out_dim",
-    "hidden_dim",
-    "num_layer",
-    "noise_dim",
-    "noise_type",
-    "noise_scale",
-    "noise_every_layer",
-    "resblock",
-    "batch_norm",
-)
-
-
+# CHANGELOG.md): TRMModule's and EngressionRegressor's network arguments are those of their `net` / `generator`. The
+# goldens go through the same conversion as checkpoints and zoo files of that layout (current_hparams): the TRM
+# network also shows the two constants TRMModule never exposed (the values it always used), and the engression L1/L2
+# baselines a generator with noise_dim 0 (they always ran without noise).
 def _moved(config: dict) -> dict:
     model = config.get("model") or {}
-    if str(model.get("class_path", "")).endswith(".TRMModule"):
-        args = model["init_args"]
-        net = {key: args.pop(key) for key in _TRM_NET_ARGS}
-        net |= {"rope_theta": 10000.0, "norm_eps": 1e-05}
-        model["init_args"] = {"net": {"class_path": "reprozoo.nets.TinyRecursiveNetwork", "init_args": net}} | args
-    if str(model.get("class_path", "")).endswith(".EngressionRegressor"):
-        args = model["init_args"]
-        net = {key: args.pop(key) for key in _ENGRESSION_NET_ARGS}
-        if args["loss"] != "energy":
-            net["noise_dim"] = 0
-        model["init_args"] = {"generator": {"class_path": "reprozoo.nets.StochasticMLP", "init_args": net}} | args
+    if "class_path" in model:
+        model["init_args"] = current_hparams(model["class_path"], model["init_args"])
     return config
 
 

@@ -11,7 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from reprozoo.methods.tent import TentAdapter, TentModule, collect_norm_params, softmax_entropy
+from reprozoo.methods.tent import TentModule
+from reprozoo.methods.tent_adapter import TentAdapter, collect_norm_params, softmax_entropy
 from reprozoo.nets import CifarResNet, load_legacy_cifar_resnet
 from reprozoo.nets.wide_resnet import WideResNet, load_wide_resnet_checkpoint, wide_resnet28_10
 from reprozoo.zoo import _robustbench

@@ -4,7 +4,8 @@ from reprozoo.methods.classifier import ClassifierModule
 from reprozoo.methods.distillation import DistillationModule
 from reprozoo.methods.engression import EngressionRegressor
 from reprozoo.methods.nca import NCAModule
-from reprozoo.methods.tent import TentAdapter, TentModule
+from reprozoo.methods.tent import TentModule
+from reprozoo.methods.tent_adapter import TentAdapter
 from reprozoo.methods.trm import TRMModule
 
 __all__ = [
