@@ -253,13 +253,6 @@ def peek_checkpoint(path: str | os.PathLike) -> dict | None:
     return checkpoint if isinstance(checkpoint, dict) else None
 
 
-def _read_writer(path) -> str | None:
-    """The writer's class path of a checkpoint file (our record, else LightningCLI's ``_class_path``), where the
-    file loads with ``weights_only=True``; None when it does not or names no writer."""
-    checkpoint = peek_checkpoint(path)
-    return _writer(checkpoint) if checkpoint is not None else None
-
-
 def check_checkpoint_class(path: str | os.PathLike, expected: type | str) -> None:
     """CheckpointError if the checkpoint file ``path`` names its writer and that is not ``expected`` (a class or
     its class path, e.g. the ``model.class_path`` of a CLI config); nothing is said when it names none."""
@@ -269,9 +262,16 @@ def check_checkpoint_class(path: str | os.PathLike, expected: type | str) -> Non
             expected = getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError, ValueError):
             return  # not ours to judge: instantiating the config reports it
-    writer = _read_writer(path)
+    checkpoint = peek_checkpoint(path)
+    writer = _writer(checkpoint) if checkpoint is not None else None
     if writer is not None and not _accepts(expected, writer):
         raise _mismatch(expected, writer, f"checkpoint {path}")
+    hparams = (checkpoint or {}).get("hyper_parameters")
+    if writer is not None and isinstance(hparams, dict) and current_hparams(writer, hparams) != hparams:
+        raise CheckpointError(
+            f"checkpoint {path} was written before reprozoo moved its methods and networks into folders of their "
+            f"own (see CHANGELOG.md); convert it once with `python cli.py zoo upgrade {path}`"
+        )
 
 
 class CheckpointGuard:

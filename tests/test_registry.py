@@ -192,3 +192,36 @@ def test_zoo_files_written_before_the_layout_change_still_load(name, old_module,
     assert type(old) is type(new) and old.hparams[network] == new.hparams[network]
     assert old.state_dict().keys() == new.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+
+
+@pytest.mark.parametrize("method", ["trm", "engression"])
+def test_checkpoints_written_before_the_layout_change_are_converted_once(method, tmp_path, capsys):
+    """A Lightning checkpoint of the old layout (class under reprozoo.zoo, network arguments flat) does not build
+    today's module; `zoo upgrade` converts it, after which it loads into the same model as before."""
+    from reprozoo._checks import RECORD_KEY, CheckpointError
+    from reprozoo.cli import main
+    from reprozoo.methods import EngressionRegressor, TRMModule
+    from reprozoo.nets import StochasticMLP, TinyRecursiveNetwork
+
+    if method == "trm":
+        cls, network, old = TRMModule, "net", "reprozoo.zoo.trm.TRMModule"
+        model = TRMModule(TinyRecursiveNetwork(hidden_size=16, expansion=1.0, puzzle_emb_ndim=16), n=1, T=1, n_sup=1)
+    else:
+        cls, network, old = EngressionRegressor, "generator", "reprozoo.zoo.engression.EngressionRegressor"
+        model = EngressionRegressor(StochasticMLP(in_dim=2, hidden_dim=8, noise_dim=3))
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    hparams = dict(ckpt["hyper_parameters"])
+    flat = {k: v for k, v in hparams.pop(network)["init_args"].items() if k not in ("rope_theta", "norm_eps")}
+    ckpt["hyper_parameters"], ckpt[RECORD_KEY] = hparams | flat, old
+    torch.save(ckpt, tmp_path / "old.ckpt")
+
+    with pytest.raises(CheckpointError, match="zoo upgrade"):
+        cls.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert main(["zoo", "upgrade", str(tmp_path / "old.ckpt"), "--out", str(tmp_path / "upgraded.ckpt")]) == 0
+    assert "upgraded.ckpt" in capsys.readouterr().out
+    loaded = cls.load_from_checkpoint(tmp_path / "upgraded.ckpt")
+    assert loaded.hparams[network] == model.hparams[network]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

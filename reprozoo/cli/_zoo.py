@@ -1,4 +1,4 @@
-"""``python cli.py zoo {list,info,export}``: the model zoo's subcommand, parsed with plain argparse."""
+"""``python cli.py zoo {list,info,export,upgrade}``: the model zoo's subcommand, parsed with plain argparse."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def _zoo_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="the config that produced the checkpoint")
     p.add_argument("--license", default="MIT")
     p.add_argument("--description", default="")
+    p = sub.add_parser("upgrade", help="convert a checkpoint written before the layout of issue 15, once")
+    p.add_argument("ckpt", help="path of the Lightning checkpoint (.ckpt)")
+    p.add_argument("--out", help="where to write the converted checkpoint (default: over the input)")
     return parser
 
 
@@ -61,6 +64,8 @@ def zoo_main(argv: list[str]) -> int:
                 print(f"{name:<40} {entry.module.rsplit('.', 1)[-1]:<22} {where:<9} {metrics}")
         elif args.command == "info":
             print(json.dumps(registry.get_weights(args.name).to_card(), indent=2, sort_keys=True))
+        elif args.command == "upgrade":
+            print(f"wrote {registry.upgrade_checkpoint(args.ckpt, args.out)}")
         else:
             weights_file, card_file = registry.export_checkpoint(
                 args.ckpt,

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from reprozoo import _files
-from reprozoo._checks import CheckpointError, check_checkpoint_file, current_class_path, current_hparams
+from reprozoo._checks import RECORD_KEY, CheckpointError, check_checkpoint_file, current_class_path, current_hparams
 from reprozoo._files import WeightsError, sha256_file, write_atomic
 
 FORMAT = "reprozoo-weights/1"
@@ -361,7 +361,8 @@ def export_checkpoint(
     class_path = module or hparams.get("_class_path")
     if not class_path:
         raise WeightsError(f"{ckpt_path} does not record its module class: pass module='package.Class'")
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    class_path = current_class_path(class_path)
+    hparams = {k: v for k, v in current_hparams(class_path, hparams).items() if not k.startswith("_")}
     hparams["weights"] = None
     adjust = getattr(_import(class_path), "zoo_hparams", None)
     if callable(adjust):
@@ -435,3 +436,33 @@ def _one_line(err: BaseException | str, limit: int = 500) -> str:
 
 
 _load_packaged_cards()
+
+
+def upgrade_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Convert, once, a Lightning checkpoint written before the layout of issue 15 (classes under
+    ``reprozoo.zoo``, a TRMModule's or EngressionRegressor's network arguments flat in its hyperparameters) into
+    today's: ``load_from_checkpoint``, ``--ckpt_path`` and ``zoo export`` then read it as any other. Weights, optimizer
+    and loop states are kept as they are. Written atomically to ``out`` (default: over ``ckpt_path``); returns it.
+    A checkpoint that is already current is written unchanged."""
+    try:
+        check_checkpoint_file(ckpt_path)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise WeightsError(_one_line(err)) from err
+    try:  # the user's own file, as for export: it holds optimizer and loop state of arbitrary types
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # whatever unpickling raises: the file is not a checkpoint we can read
+        raise WeightsError(f"cannot read checkpoint {ckpt_path}: {_one_line(err)}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise WeightsError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    writer = ckpt.get(RECORD_KEY) or hparams.get("_class_path")
+    if not isinstance(writer, str):
+        raise WeightsError(f"{ckpt_path} does not record its module class, so there is nothing to convert")
+    ckpt["hyper_parameters"] = current_hparams(writer, hparams)
+    if RECORD_KEY in ckpt:
+        ckpt[RECORD_KEY] = current_class_path(writer)
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    out = Path(out if out is not None else ckpt_path)
+    write_atomic(out, buffer.getvalue())
+    return out
