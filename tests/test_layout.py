@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "reprozoo"
 
 # What each part of the package may import of reprozoo, floor by floor (CONTRIBUTING.md draws the same picture).
 # Floor 0, plumbing and domains that know nothing of Lightning modules: _files, _validate, _xla, _checks, sudoku,
-# transforms.
+# transforms, optim.
 # Floor 1: nets (plain nn.Modules), callbacks (any LightningModule), datamodules, zoo (the weights registry).
 # Floor 2: methods (the LightningModules). Floor 3: cli.
 ALLOWED = {
@@ -22,11 +22,12 @@ ALLOWED = {
     "_checks": {"_xla"},
     "sudoku": {"_validate", "_files"},
     "transforms": {"_validate", "_files"},
+    "optim": {"_validate"},
     "nets": {"_validate", "_files"},
     "callbacks": {"_validate", "_files", "sudoku"},
     "datamodules": {"_validate", "_files", "sudoku", "transforms"},
     "zoo": {"_validate", "_files", "_checks", "nets"},
-    "methods": {"_validate", "_files", "_checks", "_xla", "sudoku", "nets", "zoo"},
+    "methods": {"_validate", "optim", "_files", "_checks", "_xla", "sudoku", "nets", "zoo"},
     "cli": {
         "_validate",
         "_files",
@@ -34,6 +35,7 @@ ALLOWED = {
         "_xla",
         "sudoku",
         "transforms",
+        "optim",
         "nets",
         "callbacks",
         "datamodules",

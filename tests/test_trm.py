@@ -207,13 +207,14 @@ def test_stablemax_cross_entropy_matches_independent_computation():
 
 
 @pytest.mark.slow
-def test_resume_continues_identically_with_ema(tmp_path):
-    """Two epochs straight == one epoch, checkpoint, a new process-like start, one more epoch (EMA, optimizer,
-    scheduler and the module's own random draws included)."""
+@pytest.mark.parametrize("optimizer", ["adamw", "adam_atan2"])
+def test_resume_continues_identically_with_ema(tmp_path, optimizer):
+    """Two epochs straight == one epoch, checkpoint, a new process-like start, one more epoch (EMA, optimizers,
+    schedulers and the module's own random draws included)."""
 
     def run(epochs, ckpt=None, save=None):
         torch.manual_seed(0)
-        model = TRMModule(**(TINY | {"n_sup": 2, "halt_exploration_prob": 0.5}))
+        model = TRMModule(**(TINY | {"n_sup": 2, "halt_exploration_prob": 0.5, "optimizer": optimizer}))
         trainer = tiny_trainer(tmp_path, max_epochs=epochs, limit_val_batches=0, enable_checkpointing=False)
         trainer.fit(model, _loader(n=16, b=4), ckpt_path=ckpt)
         if save:

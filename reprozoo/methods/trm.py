@@ -12,9 +12,11 @@ One network f (2 blocks) is applied recursively to an answer embedding y and a l
 
 Names follow the paper (y, z, n, T, N_sup); the official code calls them z_H, z_L, L_cycles, H_cycles,
 halt_max_steps. Deviations from the official code, all documented where they occur:
-  * AdamW instead of AdamATan2 (not on PyPI for every platform); the same betas, weight decay and warmup.
-  * The puzzle-identifier embedding is a dense ``nn.Embedding`` trained by the same AdamW (own learning rate and
-    weight decay) instead of a sparse embedding with SignSGD; for sudoku there is a single identifier.
+  * The optimizer is AdamW by default (``optimizer="adam_atan2"``: the official AdamATan2 for the weights and
+    sign-SGD for the puzzle embedding, as ``configs/trm/sudoku_extreme.yaml`` trains); the same betas, weight decay
+    and warmup.
+  * The puzzle-identifier embedding is a dense ``nn.Embedding`` (own learning rate and weight decay) instead of the
+    official sparse one; its sign-SGD updates the rows the batch used. For sudoku there is a single identifier.
   * Computation in the trainer's precision (fp32 by default; ``--trainer.precision bf16-mixed`` on GPUs)
     instead of a hard-wired bfloat16 forward.
   * Deep supervision runs all N_sup steps of a batch inside one ``training_step`` (the paper's pseudo-code)
@@ -45,6 +47,7 @@ from torchmetrics import MeanMetric
 from reprozoo._checks import CheckpointGuard, check_finite_loss
 from reprozoo._xla import warn_if_xla
 from reprozoo.nets import TinyRecursiveNetwork, net_from, net_record
+from reprozoo.optim import AdamATan2, SignSGD
 from reprozoo.sudoku import answer_problem, consistent, count_solutions, decode, encode, grid_problem, is_valid_solution
 from reprozoo.zoo.registry import load_pretrained_into
 
@@ -92,8 +95,11 @@ class TRMModule(CheckpointGuard, L.LightningModule):
             the k answers, ties broken by confidence).
         log_alignment: log the Asymptotic Alignment Score at validation: a second run of ``n_sup_eval`` steps from
             the first run's final (y, z); cosine similarity of the final y's and agreement of the predictions.
-    Args (optimisation): AdamW(lr, betas, weight_decay) with linear warmup over ``warmup_steps`` optimizer steps,
-        a separate ``puzzle_emb_lr`` / ``puzzle_emb_weight_decay`` for the puzzle embedding; ``ema_decay`` (0.999;
+    Args (optimisation): ``optimizer="adamw"``: AdamW(lr, betas, weight_decay) for everything, with a separate
+        ``puzzle_emb_lr`` / ``puzzle_emb_weight_decay`` group for the puzzle embedding; ``"adam_atan2"``: the
+        official pair, :class:`~reprozoo.optim.AdamATan2` (lr, betas, weight_decay) for the weights and
+        :class:`~reprozoo.optim.SignSGD` (puzzle_emb_lr, puzzle_emb_weight_decay) for the puzzle embedding. Both with
+        linear warmup over ``warmup_steps`` optimizer steps; ``ema_decay`` (0.999;
         0 disables) for the weights used in evaluation, ``solve`` and zoo export. The official sudoku recipe:
         lr 1e-4, weight decay 1.0, betas (0.9, 0.95), warmup 2000, batch 768.
     """
@@ -109,6 +115,7 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         halt_exploration_prob: float = 0.1,
         loss: Literal["stablemax", "softmax"] = "stablemax",
         halt_loss_weight: float = 0.5,
+        optimizer: Literal["adamw", "adam_atan2"] = "adamw",
         lr: float = 1e-4,
         puzzle_emb_lr: float = 1e-4,
         weight_decay: float = 1.0,
@@ -141,6 +148,7 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         for field, value, choices in (
             ("loss", loss, ("stablemax", "softmax")),
             ("eval_select", eval_select, ("confidence", "vote")),
+            ("optimizer", optimizer, ("adamw", "adam_atan2")),
         ):
             if value not in choices:
                 raise ValueError(f"TRMModule: {field} must be one of {', '.join(choices)}, got {value!r}")
@@ -243,7 +251,7 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         inputs, labels, ids = self._unpack(batch)
         b = inputs.shape[0]
         n, T, n_sup = self._depth()
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizers, schedulers = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
         y, z = self.net.initial_state(b)
         # Official exploration rule: some samples must run a random minimum number of steps before halting.
         explore = torch.rand(b, generator=self._rng) < self.hparams.halt_exploration_prob
@@ -271,10 +279,12 @@ class TRMModule(CheckpointGuard, L.LightningModule):
             # Normalised by the batch size (not the active count), as the official 1 / global_batch_size.
             loss = ((lm_loss + self.hparams.halt_loss_weight * halt_loss) * weight).sum() / b
             check_finite_loss(self, loss, batch_idx, f", supervision step {step} of {n_sup}")
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            optimizer.step()
-            scheduler.step()
+            for optimizer, scheduler in zip(optimizers, schedulers):
+                optimizer.step()
+                scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.net)
             lm_total += (lm_loss.detach() * weight).sum()
@@ -292,7 +302,7 @@ class TRMModule(CheckpointGuard, L.LightningModule):
                 "train/halt_loss": (halt_total / steps_used.sum()).float(),
                 "train/sup_steps": steps_used.float().mean(),
                 "train/exact_acc_step1": first_correct,
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": schedulers[0].get_last_lr()[0],
             },
             prog_bar=False,
             batch_size=b,
@@ -513,10 +523,25 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         groups = [{"params": rest, "lr": hp.lr, "weight_decay": hp.weight_decay}]
         if emb:
             groups.append({"params": emb, "lr": hp.puzzle_emb_lr, "weight_decay": hp.puzzle_emb_weight_decay})
-        optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))
+        if hp.optimizer == "adamw":
+            optimizers = [torch.optim.AdamW(groups, betas=tuple(hp.betas))]
+        else:  # the official pair: AdamATan2 for the weights, sign-SGD for the puzzle embedding
+            optimizers = [AdamATan2(groups[:1], betas=tuple(hp.betas))]
+            if emb:
+                optimizers.append(SignSGD(groups[1:]))
         warmup = max(1, hp.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedulers = [
+            {
+                "scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup)),
+                "interval": "step",
+            }
+            for opt in optimizers
+        ]
+        return optimizers, schedulers
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 class UnsolvedPuzzlesError(ValueError):

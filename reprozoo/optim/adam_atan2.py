@@ -1,0 +1,58 @@
+"""AdamATan2 (Everett et al. 2024, "Scaling Exponents Across Parameterizations and Optimizers"), as the optimizer
+the official TinyRecursiveModels code trains with (the ``adam-atan2`` package, 0.0.3): Adam whose update is
+``atan2(m_hat, sqrt(v_hat))`` instead of ``m_hat / (sqrt(v_hat) + eps)``, so there is no epsilon to tune and every
+coordinate moves by at most ``lr * pi / 2``. Per step, with decoupled weight decay applied first:
+
+    p <- p * (1 - lr * weight_decay)
+    m <- beta1 * m + (1 - beta1) * g;   v <- beta2 * v + (1 - beta2) * g^2
+    p <- p - lr / (1 - beta1^t) * atan2(m, sqrt(v) / sqrt(1 - beta2^t))
+
+(the package's CUDA kernel, written here with public torch ops; no scale factors a, b)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from reprozoo._validate import check
+
+
+class AdamATan2(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+    ):
+        check(lr >= 0, "AdamATan2", "lr", lr, ">= 0")
+        check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "AdamATan2", "betas", betas, "two numbers in [0, 1)")
+        check(weight_decay >= 0, "AdamATan2", "weight_decay", weight_decay, ">= 0")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                p.mul_(1 - lr * weight_decay)
+                m.lerp_(p.grad, 1 - beta1)
+                v.lerp_(p.grad.square(), 1 - beta2)
+                denom = v.sqrt() / (1 - beta2**t) ** 0.5
+                p.add_(torch.atan2(m, denom), alpha=-lr / (1 - beta1**t))
+        return loss

@@ -1,0 +1,39 @@
+"""The sign-SGD with decoupled weight decay that the official TinyRecursiveModels code trains its sparse
+puzzle-identifier embedding with (``CastedSparseEmbeddingSignSGD_Distributed``): for every row of the embedding that
+the batch used, ``row <- row * (1 - lr * weight_decay) - lr * sign(grad)``; rows the batch did not use are left as
+they are (no decay either). Here the embedding is a dense ``nn.Embedding``, whose unused rows get an all-zero
+gradient: a row counts as used when its gradient is not all zero. Under DDP the gradient is the mean over the
+processes, whose sign is that of the official sum."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from reprozoo._validate import check
+
+
+class SignSGD(torch.optim.Optimizer):
+    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 1e-2):
+        check(lr >= 0, "SignSGD", "lr", lr, ">= 0")
+        check(weight_decay >= 0, "SignSGD", "weight_decay", weight_decay, ">= 0")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, weight_decay = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                used = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)  # (rows,)
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                decayed = p * (1 - lr * weight_decay) - lr * torch.sign(grad)
+                p.copy_(torch.where(used.view(shape), decayed, p))
+        return loss
