@@ -118,6 +118,23 @@ def test_one_optimizer_step_per_supervision_step_and_halting(tmp_path):
     assert trainer.callback_metrics["train/sup_steps"] >= 2
 
 
+def test_exploration_is_drawn_at_every_supervision_step(tmp_path):
+    """The official rule draws, at every supervision step, whether each sample explores and its minimum number of
+    steps (not once per batch): one batch of 4 samples that runs all 4 steps takes exactly 4 such pairs of draws from
+    the module's generator, the same ones a replay makes."""
+    model = TRMModule(**(TINY | {"n_sup": 4, "halt_exploration_prob": 0.5}))
+    model.net.q_head.bias.data.fill_(-20.0)  # never halts early: all 4 steps run
+    start = model._rng.get_state()
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, _loader(n=4, b=4))
+    assert trainer.callback_metrics["train/sup_steps"] == 4
+    replay = torch.Generator()
+    replay.set_state(start)
+    for _ in range(4):
+        torch.rand(4, generator=replay), torch.randint(2, 5, (4,), generator=replay)
+    assert torch.equal(model._rng.get_state(), replay.get_state())
+
+
 def test_evaluation_uses_ema_weights_and_full_depth(tmp_path):
     model = TRMModule(**(TINY | {"n_sup": 2, "n_sup_eval": 5}))
     tiny_trainer(tmp_path, max_steps=4, limit_val_batches=0).fit(model, _loader(n=8, b=4))

@@ -21,7 +21,7 @@ halt_max_steps. Deviations from the official code, all documented where they occ
     instead of a hard-wired bfloat16 forward.
   * Deep supervision runs all N_sup steps of a batch inside one ``training_step`` (the paper's pseudo-code)
     rather than the official streaming "carry" that refills halted slots with new puzzles; per-sample halting,
-    the exploration rule and the loss weights are the official ones.
+    the exploration rule (drawn at every supervision step) and the loss weights are the official ones.
 
 Distributed and XLA: under DDP every process takes the same number of supervision (optimizer) steps per batch
 (halting is decided over all processes) and evaluation scores are torchmetrics. Not XLA-ready: halting reads a
@@ -247,18 +247,19 @@ class TRMModule(CheckpointGuard, L.LightningModule):
             "per batch by hand, and computes the stablemax loss in float64",
         )
 
+    def _min_steps(self, b: int, n_sup: int, like: torch.Tensor) -> torch.Tensor:
+        explore = torch.rand(b, generator=self._rng) < self.hparams.halt_exploration_prob
+        drawn = (
+            torch.randint(2, n_sup + 1, (b,), generator=self._rng) if n_sup >= 2 else torch.ones(b, dtype=torch.long)
+        )
+        return torch.where(explore, drawn, 0).to(like.device)  # (B,)
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         inputs, labels, ids = self._unpack(batch)
         b = inputs.shape[0]
         n, T, n_sup = self._depth()
         optimizers, schedulers = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
         y, z = self.net.initial_state(b)
-        # Official exploration rule: some samples must run a random minimum number of steps before halting.
-        explore = torch.rand(b, generator=self._rng) < self.hparams.halt_exploration_prob
-        drawn = (
-            torch.randint(2, n_sup + 1, (b,), generator=self._rng) if n_sup >= 2 else torch.ones(b, dtype=torch.long)
-        )
-        min_steps = torch.where(explore, drawn, 0).to(inputs.device)
         # The whole batch goes through every step (static shapes, as the official fixed-size batch); halted
         # samples just stop contributing to the loss. The loop ends when no sample is active on any process, so
         # that all DDP ranks take the same number of optimizer steps.
@@ -291,7 +292,9 @@ class TRMModule(CheckpointGuard, L.LightningModule):
             halt_total += (halt_loss.detach() * weight).sum()
             if first_correct is None:
                 first_correct = correct.float().mean()
-            halted = active & ((q_halt.detach() > 0) | (step == n_sup)) & (step >= min_steps)
+            # The official exploration rule, drawn afresh at every supervision step: with halt_exploration_prob a
+            # sample may not halt before a random minimum number of steps, uniform in 2..N_sup.
+            halted = active & ((q_halt.detach() > 0) | (step == n_sup)) & (step >= self._min_steps(b, n_sup, inputs))
             steps_used[halted] = step
             active &= ~halted
             if not self._anyone_active(active):
