@@ -17,6 +17,7 @@ from reprozoo.methods.distillation import DistillationModule, distillation_loss,
 from reprozoo.nets import MLP
 from reprozoo.zoo.registry import WeightsError
 from tests.conftest import real_data
+from tests.helpers import tiny_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
 
@@ -144,18 +145,7 @@ def _mnist(**kwargs) -> FashionMNISTDataModule:
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return tiny_trainer(tmp_path, **({"deterministic": True} | kwargs))
 
 
 def _student() -> MLP:

@@ -11,6 +11,7 @@ import torch
 
 from reprozoo.datamodules.rings import ConcentricRingsDataModule, make_rings
 from reprozoo.methods.nca import NCAModule, knn_predict, lda_directions, nca_log_p, nca_loss, pca_directions
+from tests.helpers import tiny_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
 
@@ -87,18 +88,7 @@ def test_pca_and_lda_directions():
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=15,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return tiny_trainer(tmp_path, **({"max_epochs": 15, "enable_checkpointing": False} | kwargs))
 
 
 def test_rings_nca_recovers_the_rings_pca_does_not(tmp_path):
