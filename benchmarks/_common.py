@@ -62,6 +62,8 @@ def quiet_lightning(offline: bool = True) -> None:
         ".*does not have many workers.*",
         ".*LightningCLI's args parameter.*",
         ".*smaller than the logging.*",
+        ".*defined a `validation_step` but have no `val_dataloader`.*",
+        ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
     ):
         warnings.filterwarnings("ignore", pattern)
     for name in ("lightning.pytorch", "lightning.fabric"):

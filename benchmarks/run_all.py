@@ -42,6 +42,11 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
         ["--functions", "softplus", "cubic", "--seeds", "1", "--epochs", "50", "--out", "{out}"],
     ),
     "trm_throughput": ("TRM training throughput and model FLOPs utilisation", ["--steps", "5"]),
+    "trm_vs_official": ("TRM vs the official code: weights after 32 carry steps, time per step", ["--steps", "32"]),
+    "trm_sample_efficiency": (
+        "TRM's streaming carry vs the whole-batch loop: new puzzles per step, accuracy at equal steps",
+        ["--steps", "600", "--out", "{out}"],
+    ),
     "frobenius_overhead": ("FrobeniusNormMonitor overhead per training step", ["--steps", "150", "--rounds", "3"]),
     "landscape_speed": (
         "LossLandscape: batched / looped / classic grid evaluation",

@@ -71,8 +71,21 @@ def _moved(config: dict) -> dict:
 # Options added since the goldens were recorded, with the default that keeps what the experiments did (class name ->
 # {option: default}); and the experiments whose recipe changed on purpose (file -> {dotted key: new value}). Each is
 # in CHANGELOG.md.
-ADDED = {"TRMModule": {"optimizer": "adamw"}}  # issue 16: AdamATan2 + sign-SGD next to AdamW
-CHANGED = {"configs/trm/sudoku_extreme.yaml": {"model.init_args.optimizer": "adam_atan2"}}  # the official pair
+# issue 16: AdamATan2 + sign-SGD next to AdamW; the streaming carry next to the whole-batch loop; torch.compile
+ADDED = {"TRMModule": {"optimizer": "adamw", "training_loop": "whole_batch", "compile": False}}
+_CARRY = {"model.init_args.training_loop": "carry"}  # issue 16: the official streaming carry is the default loop
+CHANGED = {
+    "configs/quickstart.yaml": _CARRY,
+    "configs/trm/sudoku_generated_cpu.yaml": _CARRY,
+    "configs/trm/sudoku_extreme.yaml": _CARRY
+    | {  # issue 16: the official recipe (optimizer pair, length in optimizer steps, bf16 + compile)
+        "model.init_args.optimizer": "adam_atan2",
+        "model.init_args.compile": True,
+        "trainer.max_epochs": 50,
+        "trainer.check_val_every_n_epoch": 5,
+        "data.init_args.train_repeats": 1000,
+    },
+}
 
 
 def _changed(experiment: str, config: dict) -> dict:

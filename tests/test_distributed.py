@@ -302,9 +302,32 @@ def test_trm_ddp_manual_optimisation_and_ema(trm_run, tmp_path):
     run = trm_run
     _check_one_writer(run, set())
     _check_split(run, n_train=48, batch_size=8, epochs=2)
-    assert 6 <= run.checkpoint()["global_step"] <= 12  # 1 or 2 supervision (optimizer) steps per batch
+    assert run.checkpoint()["global_step"] == 6  # the carry: one supervision (optimizer) step per batch
+    _check_carries_are_per_rank(run)
     assert run.stdout.count("answer (") == 1  # PrintSolvedSudoku: rank zero only
     _compare_with_one_process(run, tmp_path)  # evaluation uses the EMA weights: the same on both ranks
+
+
+def _check_carries_are_per_rank(run: Run) -> None:
+    """The checkpoint holds one carry per rank, and each rank's slots hold puzzles of its own share of the data
+    (the training items of the keys its sampler yielded), none of the other rank's."""
+    carry = run.checkpoint()["trm_carry"]
+    inputs = carry["slots"]["data.inputs"]
+    assert carry["world_size"] == 2 and inputs.shape == (2, 8, 81)
+    train = _datamodule(run).splits["train"]
+    shares = []
+    for rank in (0, 1):
+        keys = [
+            k
+            for e in (0, 1)
+            for k in json.loads((run.work / "samplers" / f"rank{rank}_epoch{e}.json").read_text())["indices"]
+        ]
+        shares.append({tuple(train[k]["inputs"].tolist()) for k in keys})
+    assert not shares[0] & shares[1]
+    for rank in (0, 1):
+        assert {tuple(row.tolist()) for row in inputs[rank]} <= shares[rank], (
+            f"rank {rank} holds another rank's puzzles"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ classifier

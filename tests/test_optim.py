@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reprozoo.methods.trm import TRMModule
-from reprozoo.optim import AdamATan2, SignSGD
+from reprozoo.optim import AdamATan2, AdamATan2SignSGD, SignSGD
 from tests.helpers import trm_net
 
 
@@ -62,7 +62,7 @@ def test_sign_sgd_moves_the_rows_used_by_lr_and_decays_them_only():
     torch.testing.assert_close(weights.detach(), want)
 
 
-def test_trm_takes_the_official_pair_of_optimizers():
+def test_trm_takes_the_official_pair_of_optimizers_as_one():
     model = TRMModule(
         net=trm_net(hidden_size=16, expansion=1.0, puzzle_emb_ndim=16),
         optimizer="adam_atan2",
@@ -72,11 +72,46 @@ def test_trm_takes_the_official_pair_of_optimizers():
         puzzle_emb_weight_decay=0.25,
     )
     optimizers, schedulers = model.configure_optimizers()
-    assert [type(o) for o in optimizers] == [AdamATan2, SignSGD] and len(schedulers) == 2
-    weights, emb = optimizers[0].param_groups[0], optimizers[1].param_groups[0]
-    assert (weights["initial_lr"], weights["weight_decay"]) == (1e-3, 0.5)  # lr: the warmup scheduler's
-    assert (emb["initial_lr"], emb["weight_decay"]) == (1e-2, 0.25)
+    assert [type(o) for o in optimizers] == [AdamATan2SignSGD] and len(schedulers) == 1
+    weights, emb = optimizers[0].param_groups
+    assert (weights["initial_lr"], weights["weight_decay"], weights["sign_sgd"]) == (1e-3, 0.5, False)
+    assert (emb["initial_lr"], emb["weight_decay"], emb["sign_sgd"]) == (1e-2, 0.25, True)  # lr: the warmup's
     assert [id(p) for p in emb["params"]] == [id(model.net.puzzle_emb.weight)]
     assert id(model.net.puzzle_emb.weight) not in {id(p) for p in weights["params"]}
-    no_emb = TRMModule(net=trm_net(hidden_size=16, expansion=1.0, puzzle_emb_ndim=0), optimizer="adam_atan2")
-    assert [type(o) for o in no_emb.configure_optimizers()[0]] == [AdamATan2]
+
+
+def test_the_pair_steps_as_adam_atan2_and_sign_sgd_apart():
+    torch.manual_seed(0)
+    w0, e0 = torch.randn(4, 3), torch.randn(2, 3)
+    grads = [(torch.randn(4, 3), torch.randn(2, 3) * torch.tensor([[1.0], [0.0]])) for _ in range(3)]
+    w, e = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(e0.clone())
+    pair = AdamATan2SignSGD(
+        [{"params": [w]}, {"params": [e], "sign_sgd": True, "lr": 0.1, "weight_decay": 0.5}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        weight_decay=1.0,
+    )
+    w2, e2 = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(e0.clone())
+    apart = [AdamATan2([w2], lr=1e-2, betas=(0.9, 0.95), weight_decay=1.0), SignSGD([e2], lr=0.1, weight_decay=0.5)]
+    for gw, ge in grads:
+        w.grad, e.grad, w2.grad, e2.grad = gw.clone(), ge.clone(), gw.clone(), ge.clone()
+        pair.step()
+        for opt in apart:
+            opt.step()
+    assert torch.equal(w, w2) and torch.equal(e, e2) and not torch.equal(e[0], e0[0])
+    assert torch.equal(e[1], e0[1])  # the row no batch used: untouched
+
+
+def test_lightning_counts_one_optimizer_step_per_trm_step(tmp_path):
+    """With two optimizers Lightning would count two (max_steps would stop at half the steps)."""
+    from torch.utils.data import DataLoader
+
+    from tests.helpers import tiny_trainer
+
+    model = TRMModule(net=trm_net(hidden_size=16, expansion=1.0, puzzle_emb_ndim=16), optimizer="adam_atan2", n_sup=2)
+    calls = []
+    model.net.register_forward_hook(lambda *a: calls.append(1))
+    items = [{"inputs": torch.randint(1, 11, (81,)), "labels": torch.randint(2, 11, (81,))} for _ in range(8)]
+    trainer = tiny_trainer(tmp_path, max_steps=3, max_epochs=-1, limit_val_batches=0)
+    trainer.fit(model, DataLoader(items, batch_size=4))
+    assert trainer.global_step == 3 and len(calls) == 3

@@ -68,7 +68,7 @@ def _trm():
         net=trm_net(hidden_size=32, expansion=2.0, puzzle_emb_ndim=32),
         n=2,
         T=2,
-        n_sup=2,
+        n_sup=3,
         warmup_steps=1,
         lr=1e-3,
         halt_exploration_prob=0.5,
@@ -90,7 +90,8 @@ CASES = {
     ),
     "distillation": (_distillation, lambda d: _rings(), 10, 5, lambda: []),
     "nca": (_nca, lambda d: _rings(), 10, 5, lambda: []),
-    # TRM: manual optimisation, one optimizer step per supervision step (n_sup=2), EMA; 24 puzzles / 8 = 3 batches
+    # TRM: manual optimisation, the streaming carry (n_sup=3: the step-4 checkpoint falls mid-carry), EMA;
+    # 24 puzzles / 8 = 3 batches
     "trm": (
         _trm,
         lambda d: SudokuExtremeDataModule(
@@ -142,6 +143,8 @@ def test_n_steps_straight_equal_half_then_resume(name, tmp_path, sudoku_dir):
     state = torch.load(half, weights_only=True)  # RNG states and loader position are plain tensors and numbers
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert 0 < loader_state["batches"] < len(trainer.train_dataloader), "the checkpoint should fall mid-epoch"
+    if name == "trm":
+        assert not state["trm_carry"]["slots"]["halted"].all(), "the checkpoint should fall mid-carry"
 
     resumed, trainer2, callbacks2 = _fit(
         tmp_path / "resumed", name, steps, every, ckpt_path=half, seed=123, data_dir=sudoku_dir
@@ -164,6 +167,8 @@ def test_n_steps_straight_equal_half_then_resume(name, tmp_path, sudoku_dir):
             ]
     if name == "trm":
         assert any(k.startswith("ema.") for k in straight.state_dict())
+        for key, value in straight._carry.state().items():
+            assert torch.equal(value, resumed._carry.state()[key]), f"trm: carry {key} differs after resume"
 
 
 def _epoch_of(folder, step):

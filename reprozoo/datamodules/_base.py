@@ -117,6 +117,7 @@ class _SplitsDataModule(L.LightningDataModule):
 
     splits: dict[str, Dataset]
     _shuffle_seed: int | None = None
+    drop_last_train: bool = False  # drop the short last training batch of each epoch (every batch the same size)
 
     def _loader(self, split: str, **kwargs) -> DataLoader:
         return DataLoader(
@@ -145,6 +146,7 @@ class _SplitsDataModule(L.LightningDataModule):
             batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
+            drop_last=self.drop_last_train,
             seed=self._shuffle_seed,
         )
 

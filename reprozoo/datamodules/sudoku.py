@@ -203,9 +203,13 @@ class SudokuExtremeDataModule(_SplitsDataModule):
         augment: random sudoku symmetries on the training split, fresh in each epoch and each repeat.
         train_repeats: visits of each training puzzle per epoch (each a different augmentation); TRM pre-computes
             1000 augmentations per puzzle, which ``train_repeats=1000`` mimics without the disk cost.
-        batch_size, num_workers: for all loaders; train is shuffled (seeded by seed and epoch).
+        batch_size, num_workers: for all loaders (per process under DDP); train is shuffled (seeded by seed and
+            epoch) and drops the short last batch of each epoch, as the official loader: every training batch has
+            ``batch_size`` puzzles, which TRM's carry needs to run on across epochs.
         seed: subsample, validation draw, generation, shuffling and augmentation all derive from it.
     """
+
+    drop_last_train = True
 
     def __init__(
         self,
@@ -368,6 +372,17 @@ class SudokuExtremeDataModule(_SplitsDataModule):
         )
         self.splits["val"] = SudokuDataset(tokens(val_q), tokens(val_a))
         self.splits["test"] = SudokuDataset(tokens(test_q), tokens(test_a))
+
+    def train_dataloader(self):
+        hp, trainer = self.hparams, self.trainer
+        per_process = len(self.splits["train"]) * hp.train_repeats // (trainer.world_size if trainer else 1)
+        if per_process < hp.batch_size:
+            raise ValueError(
+                f"{type(self).__name__}: batch_size={hp.batch_size} is more than the {per_process} training puzzles "
+                "an epoch gives each process (num_train_puzzles x train_repeats / processes); the short last batch "
+                "is dropped, so an epoch would have no batch: lower batch_size or raise train_repeats"
+            )
+        return super().train_dataloader()
 
     def _train_sampler(self, seed: int) -> Sampler[int]:
         hp = self.hparams  # the order has its own seed: it also picks each visit's augmentation

@@ -7,8 +7,13 @@ One network f (2 blocks) is applied recursively to an answer embedding y and a l
 
     latent recursion:  n times  z = f(z, y + x);  then  y = f(y, z)
     deep recursion:    T - 1 latent recursions without gradient, then one with gradient
-    deep supervision:  up to N_sup deep recursions per batch, each followed by a loss and an optimizer step,
+    deep supervision:  up to N_sup deep recursions per puzzle, each followed by a loss and an optimizer step,
                        (y, z) carried over detached; a learned halting head on y decides when to stop.
+
+Training streams puzzles through a carry, as the official trainer: every optimizer step is one supervision step
+for each of the B slots, and a slot whose puzzle halted takes a new puzzle from the next batch
+(``training_loop="carry"``, see :mod:`reprozoo.methods._trm_carry`). ``training_loop="whole_batch"`` is the
+paper's pseudo-code instead: a batch runs all its supervision steps before the next batch is taken.
 
 Names follow the paper (y, z, n, T, N_sup); the official code calls them z_H, z_L, L_cycles, H_cycles,
 halt_max_steps. Deviations from the official code, all documented where they occur:
@@ -19,14 +24,15 @@ halt_max_steps. Deviations from the official code, all documented where they occ
     official sparse one; its sign-SGD updates the rows the batch used. For sudoku there is a single identifier.
   * Computation in the trainer's precision (fp32 by default; ``--trainer.precision bf16-mixed`` on GPUs)
     instead of a hard-wired bfloat16 forward.
-  * Deep supervision runs all N_sup steps of a batch inside one ``training_step`` (the paper's pseudo-code)
-    rather than the official streaming "carry" that refills halted slots with new puzzles; per-sample halting,
-    the exploration rule (drawn at every supervision step) and the loss weights are the official ones.
+  * The carry is part of the checkpoint (the official trainer saves only the weights), so a resumed run continues
+    the puzzles in progress; a batch of another size than the carry (the short last batch of a loader that keeps
+    it) starts a fresh carry.
 
-Distributed and XLA: under DDP every process takes the same number of supervision (optimizer) steps per batch
-(halting is decided over all processes) and evaluation scores are torchmetrics. Not XLA-ready: halting reads a
-device value on the host after every supervision step and the loss is computed in float64; the module warns at
-start-up on XLA.
+Distributed and XLA: under DDP each process has its own carry, filled from its own share of the batches
+(``training_loop="whole_batch"``: every process takes the same number of supervision steps per batch, halting is
+decided over all processes); evaluation scores are torchmetrics. Not XLA-ready: the training step reads a device
+value on the host (the finite-loss check, the halted count) and the loss is computed in float64; the module warns
+at start-up on XLA.
 """
 
 from __future__ import annotations
@@ -40,14 +46,16 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics import MeanMetric
 
 from reprozoo._checks import CheckpointGuard, check_finite_loss
-from reprozoo._xla import warn_if_xla
+from reprozoo._xla import attached_trainer, warn_if_xla
+from reprozoo.methods._trm_carry import Carry, halted_after_step
 from reprozoo.nets import TinyRecursiveNetwork, net_from, net_record
-from reprozoo.optim import AdamATan2, SignSGD
+from reprozoo.optim import AdamATan2SignSGD
 from reprozoo.sudoku import answer_problem, consistent, count_solutions, decode, encode, grid_problem, is_valid_solution
 from reprozoo.zoo.registry import load_pretrained_into
 
@@ -86,7 +94,13 @@ class TRMModule(CheckpointGuard, L.LightningModule):
     Args (recursion): ``n`` latent updates per recursion (official L_cycles = 6), ``T`` recursions per step
         (H_cycles = 3), ``n_sup`` supervision steps (halt_max_steps = 16); ``n_sup_eval`` (default ``n_sup``) steps
         at evaluation, which always runs them all; ``halt_exploration_prob`` = 0.1: with this probability a sample
-        draws a minimum number of steps uniformly from 2..N_sup before it may halt.
+        draws a minimum number of steps uniformly from 2..N_sup before it may halt (drawn at every step).
+    Args (training loop): ``training_loop="carry"`` (default, the official trainer): one supervision step per
+        optimizer step for every slot of a carry of B puzzles in progress; halted slots take the puzzle at their
+        row of the next batch, the rows of running slots are skipped. An epoch is one pass of the loader, one
+        optimizer step per batch; the carry runs on across epochs, and the puzzles still in progress when
+        training stops are dropped. ``"whole_batch"``: the paper's pseudo-code, each batch runs until all its
+        puzzles halted (up to N_sup optimizer steps per batch).
     Args (beyond the paper):
         randomize_depth: draw n, T and N_sup per batch from uniforms centred on the defaults (path independence).
         curriculum: (n, T) pairs applied over equal parts of training, e.g. ``[[2, 1], [4, 2], [6, 3]]``.
@@ -95,10 +109,14 @@ class TRMModule(CheckpointGuard, L.LightningModule):
             the k answers, ties broken by confidence).
         log_alignment: log the Asymptotic Alignment Score at validation: a second run of ``n_sup_eval`` steps from
             the first run's final (y, z); cosine similarity of the final y's and agreement of the predictions.
+        compile: ``torch.compile`` the network for training (``nn.Module.compile``, in place). On a GPU it pays
+            after the first minute or so of compiling; the official trainer compiles too. Evaluation runs the EMA
+            copy uncompiled.
     Args (optimisation): ``optimizer="adamw"``: AdamW(lr, betas, weight_decay) for everything, with a separate
         ``puzzle_emb_lr`` / ``puzzle_emb_weight_decay`` group for the puzzle embedding; ``"adam_atan2"``: the
-        official pair, :class:`~reprozoo.optim.AdamATan2` (lr, betas, weight_decay) for the weights and
-        :class:`~reprozoo.optim.SignSGD` (puzzle_emb_lr, puzzle_emb_weight_decay) for the puzzle embedding. Both with
+        official pair as one optimizer (:class:`~reprozoo.optim.AdamATan2SignSGD`, so that Lightning counts one
+        optimizer step per step): AdamATan2 (lr, betas, weight_decay) for the weights and sign-SGD (puzzle_emb_lr,
+        puzzle_emb_weight_decay) for the puzzle embedding. Both with
         linear warmup over ``warmup_steps`` optimizer steps; ``ema_decay`` (0.999;
         0 disables) for the weights used in evaluation, ``solve`` and zoo export. The official sudoku recipe:
         lr 1e-4, weight decay 1.0, betas (0.9, 0.95), warmup 2000, batch 768.
@@ -113,6 +131,7 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         n_sup: int = 16,
         n_sup_eval: int | None = None,
         halt_exploration_prob: float = 0.1,
+        training_loop: Literal["carry", "whole_batch"] = "carry",
         loss: Literal["stablemax", "softmax"] = "stablemax",
         halt_loss_weight: float = 0.5,
         optimizer: Literal["adamw", "adam_atan2"] = "adamw",
@@ -128,6 +147,7 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         eval_k: int = 1,
         eval_select: Literal["confidence", "vote"] = "confidence",
         log_alignment: bool = False,
+        compile: bool = False,
         weights: str | None = None,
     ):
         super().__init__()
@@ -149,6 +169,7 @@ class TRMModule(CheckpointGuard, L.LightningModule):
             ("loss", loss, ("stablemax", "softmax")),
             ("eval_select", eval_select, ("confidence", "vote")),
             ("optimizer", optimizer, ("adamw", "adam_atan2")),
+            ("training_loop", training_loop, ("carry", "whole_batch")),
         ):
             if value not in choices:
                 raise ValueError(f"TRMModule: {field} must be one of {', '.join(choices)}, got {value!r}")
@@ -182,6 +203,8 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         # Training randomness (exploration, depth draws) has its own generator, saved in checkpoints, so that a
         # resumed run draws exactly what an uninterrupted one would.
         self._rng = torch.Generator().manual_seed(int(torch.randint(2**62, ())))  # follows seed_everything
+        self._carry: Carry | None = None  # the streaming carry (training_loop="carry"), saved in checkpoints
+        self._pending_carry: dict | None = None  # a checkpoint's carry, taken up when training starts
         self.val_scores = _PuzzleScores()
         self.test_scores = _PuzzleScores()
         if weights:
@@ -230,10 +253,13 @@ class TRMModule(CheckpointGuard, L.LightningModule):
     # ------------------------------------------------------------------------------------------ training
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.compile:
+            self.net.compile()  # in place: the state dict keeps its names (no `_orig_mod.`)
         if stage == "fit":
             # With `--checkpoint.every_n_train_steps N` Lightning prints, at every save, 15 lines on keeping a copy of
-            # the weights from before optimizer.step() under manual optimisation. TRM steps several times per batch
-            # by design, and the state after the batch is exactly the one to resume from: nothing to act on.
+            # the weights from before optimizer.step() under manual optimisation. TRM steps by hand by design (once
+            # per batch with the carry, up to N_sup times with whole_batch), and the state after the batch is
+            # exactly the one to resume from: nothing to act on.
             warnings.filterwarnings(
                 "ignore",
                 message="Using ModelCheckpoint with manual optimization and every_n_train_steps",
@@ -242,9 +268,9 @@ class TRMModule(CheckpointGuard, L.LightningModule):
             )
         warn_if_xla(
             self,
-            "deep supervision decides on the host after every supervision step whether any sample is "
-            "still active (a device-to-host read and a new graph per step), takes several optimizer steps "
-            "per batch by hand, and computes the stablemax loss in float64",
+            "the training step reads device values on the host (the finite-loss check, how many puzzles "
+            "halted; whole_batch: whether any sample is still active), takes its optimizer steps by hand, "
+            "and computes the stablemax loss in float64",
         )
 
     def _min_steps(self, b: int, n_sup: int, like: torch.Tensor) -> torch.Tensor:
@@ -255,46 +281,108 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         return torch.where(explore, drawn, 0).to(like.device)  # (B,)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self.hparams.training_loop == "carry":
+            self._carry_step(batch, batch_idx)
+        else:
+            self._whole_batch_step(batch, batch_idx)
+
+    def _supervise(self, inputs, labels, ids, y, z, n: int, T: int, weight, batch_idx: int, where: str):
+        """One supervision step and its optimizer step: the loss of the slots with ``weight`` 1 (pad positions
+        excluded), normalised by the batch size as the official 1 / global_batch_size. Returns the new (y, z),
+        the logits, the halting logit, and per sample the LM loss, the halting loss and whether it is solved."""
+        optimizers, schedulers = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
+        mask = labels > 0  # pad (0) positions do not count
+        x = self.net.embed(inputs, ids)
+        (y, z), logits, q_halt = self.net(x, y, z, n, T)
+        lm_loss = (self.loss_fn(logits, labels) * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # (B,)
+        with torch.no_grad():
+            correct = ((logits.argmax(-1) == labels) | ~mask).all(-1)  # whole puzzle right
+        halt_loss = F.binary_cross_entropy_with_logits(q_halt, correct.float(), reduction="none")
+        weight = weight.to(lm_loss.dtype)
+        loss = ((lm_loss + self.hparams.halt_loss_weight * halt_loss) * weight).sum() / inputs.shape[0]
+        check_finite_loss(self, loss, batch_idx, where)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        for optimizer, scheduler in zip(optimizers, schedulers):
+            optimizer.step()
+            scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+        self.log("train/lr", schedulers[0].get_last_lr()[0], batch_size=inputs.shape[0])
+        return y, z, q_halt.detach(), lm_loss.detach(), halt_loss.detach(), correct
+
+    def _carry_step(self, batch: dict, batch_idx: int) -> None:
+        """The official streaming loop: one supervision step for every slot of the carry, after the slots whose
+        puzzle halted took the puzzle at their row of ``batch`` (see :mod:`reprozoo.methods._trm_carry`)."""
+        n, T, n_sup = self._depth()
+        fields = {k: v for k, v in batch.items() if k in ("inputs", "labels", "puzzle_identifiers")}
+        y0, z0 = self.net.initial_state(fields["inputs"].shape[0])
+        if self._carry is None or not self._carry.fits(fields):
+            # First step, or a batch of another size (the short last batch of a loader that keeps it): a fresh
+            # carry, the puzzles in progress are dropped.
+            self._carry = Carry.empty(fields, y0, z0)
+        carry = self._carry.refill(fields, y0, z0)
+        new_puzzles = carry.halted.float().mean()
+        data = carry.data
+        b = carry.size
+        y, z, q_halt, lm_loss, halt_loss, correct = self._supervise(
+            data["inputs"],
+            data["labels"],
+            data.get("puzzle_identifiers"),
+            carry.y,
+            carry.z,
+            n,
+            T,
+            torch.ones_like(carry.halted),
+            batch_idx,
+            "",
+        )
+        steps = carry.steps + 1
+        halted = halted_after_step(steps, q_halt, n_sup, self._min_steps(b, n_sup, steps))
+        self._carry = Carry(y=y, z=z, steps=steps, halted=halted, data=data)
+        self.log("train/loss", lm_loss.mean().float(), prog_bar=True, batch_size=b)
+        self.log_dict(
+            {
+                "train/lm_loss": lm_loss.mean().float(),
+                "train/halt_loss": halt_loss.mean().float(),
+                "train/new_puzzles": new_puzzles,  # fraction of the slots given a new puzzle at this step
+            },
+            batch_size=b,
+        )
+        finished = int(halted.sum())
+        if finished:  # the official train metrics: over the puzzles that halted at this step
+            self.log_dict(
+                {
+                    "train/exact_acc": (correct & halted).sum() / finished,
+                    "train/sup_steps": (steps * halted).sum() / finished,
+                },
+                batch_size=finished,
+            )
+
+    def _whole_batch_step(self, batch: dict, batch_idx: int) -> None:
+        """The paper's pseudo-code: every sample of the batch runs until it halts, then the next batch comes."""
         inputs, labels, ids = self._unpack(batch)
         b = inputs.shape[0]
         n, T, n_sup = self._depth()
-        optimizers, schedulers = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
         y, z = self.net.initial_state(b)
         # The whole batch goes through every step (static shapes, as the official fixed-size batch); halted
         # samples just stop contributing to the loss. The loop ends when no sample is active on any process, so
         # that all DDP ranks take the same number of optimizer steps.
         active = torch.ones(b, dtype=torch.bool, device=inputs.device)
         steps_used = torch.full((b,), n_sup, device=inputs.device)
-        mask = labels > 0  # pad (0) positions do not count
         lm_total = halt_total = 0.0
         first_correct = None
         for step in range(1, n_sup + 1):
-            x = self.net.embed(inputs, ids)
-            (y, z), logits, q_halt = self.net(x, y, z, n, T)
-            token_loss = self.loss_fn(logits, labels) * mask
-            lm_loss = token_loss.sum(-1) / mask.sum(-1).clamp_min(1)  # (B,)
-            with torch.no_grad():
-                correct = ((logits.argmax(-1) == labels) | ~mask).all(-1)  # whole puzzle right
-            halt_loss = F.binary_cross_entropy_with_logits(q_halt, correct.float(), reduction="none")
-            weight = active.to(lm_loss.dtype)
-            # Normalised by the batch size (not the active count), as the official 1 / global_batch_size.
-            loss = ((lm_loss + self.hparams.halt_loss_weight * halt_loss) * weight).sum() / b
-            check_finite_loss(self, loss, batch_idx, f", supervision step {step} of {n_sup}")
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            for optimizer, scheduler in zip(optimizers, schedulers):
-                optimizer.step()
-                scheduler.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.net)
-            lm_total += (lm_loss.detach() * weight).sum()
-            halt_total += (halt_loss.detach() * weight).sum()
+            y, z, q_halt, lm_loss, halt_loss, correct = self._supervise(
+                inputs, labels, ids, y, z, n, T, active, batch_idx, f", supervision step {step} of {n_sup}"
+            )
+            lm_total += (lm_loss * active).sum()
+            halt_total += (halt_loss * active).sum()
             if first_correct is None:
                 first_correct = correct.float().mean()
-            # The official exploration rule, drawn afresh at every supervision step: with halt_exploration_prob a
-            # sample may not halt before a random minimum number of steps, uniform in 2..N_sup.
-            halted = active & ((q_halt.detach() > 0) | (step == n_sup)) & (step >= self._min_steps(b, n_sup, inputs))
+            step_count = torch.full_like(steps_used, step)
+            halted = active & halted_after_step(step_count, q_halt, n_sup, self._min_steps(b, n_sup, inputs))
             steps_used[halted] = step
             active &= ~halted
             if not self._anyone_active(active):
@@ -305,9 +393,7 @@ class TRMModule(CheckpointGuard, L.LightningModule):
                 "train/halt_loss": (halt_total / steps_used.sum()).float(),
                 "train/sup_steps": steps_used.float().mean(),
                 "train/exact_acc_step1": first_correct,
-                "train/lr": schedulers[0].get_last_lr()[0],
             },
-            prog_bar=False,
             batch_size=b,
         )
         self.log("train/loss", (lm_total / steps_used.sum()).float(), prog_bar=True, batch_size=b)
@@ -318,14 +404,41 @@ class TRMModule(CheckpointGuard, L.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         return bool(count > 0)
 
+    def on_train_start(self) -> None:
+        pending, self._pending_carry = self._pending_carry, None
+        if pending is None or self.hparams.training_loop != "carry":
+            return
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        saved = int(pending["world_size"])
+        if saved != world:
+            rank_zero_info(
+                f"TRMModule: the checkpoint's carry is of {saved} process(es), this run has {world}: the puzzles in "
+                "progress are dropped and a fresh carry starts (resume with the same number of devices to keep them)"
+            )
+            return
+        self._carry = Carry.from_state({k: v[rank] for k, v in pending["slots"].items()}, self.device)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["trm_rng_state"] = self._rng.get_state()
+        if self._carry is not None:
+            # Every process has its own carry: all of them go into the checkpoint, (world_size, B, ...) each, so
+            # that a resumed run continues each rank's puzzles where they were. Under DDP this hook runs on every
+            # rank (Lightning's save_checkpoint), so the gather is collective.
+            trainer = attached_trainer(self)
+            world = trainer.world_size if trainer is not None else 1
+            slots = self._carry.state()
+            if world > 1:
+                slots = {k: self.all_gather(v.contiguous()) for k, v in slots.items()}
+            else:
+                slots = {k: v.unsqueeze(0) for k, v in slots.items()}
+            checkpoint["trm_carry"] = {"world_size": world, "slots": {k: v.cpu() for k, v in slots.items()}}
         super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)  # refuses another method's checkpoint first
         if "trm_rng_state" in checkpoint:
             self._rng.set_state(checkpoint["trm_rng_state"])
+        self._pending_carry = checkpoint.get("trm_carry")
 
     def zoo_state_dict(self) -> dict[str, torch.Tensor]:
         """What a zoo file holds: the evaluation (EMA) weights of the network, under ``net.``; half the size of
@@ -527,20 +640,13 @@ class TRMModule(CheckpointGuard, L.LightningModule):
         if emb:
             groups.append({"params": emb, "lr": hp.puzzle_emb_lr, "weight_decay": hp.puzzle_emb_weight_decay})
         if hp.optimizer == "adamw":
-            optimizers = [torch.optim.AdamW(groups, betas=tuple(hp.betas))]
-        else:  # the official pair: AdamATan2 for the weights, sign-SGD for the puzzle embedding
-            optimizers = [AdamATan2(groups[:1], betas=tuple(hp.betas))]
-            if emb:
-                optimizers.append(SignSGD(groups[1:]))
+            optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))
+        else:  # the official pair, as one optimizer: AdamATan2 for the weights, sign-SGD for the puzzle embedding
+            groups[1:] = [group | {"sign_sgd": True} for group in groups[1:]]
+            optimizer = AdamATan2SignSGD(groups, betas=tuple(hp.betas))
         warmup = max(1, hp.warmup_steps)
-        schedulers = [
-            {
-                "scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup)),
-                "interval": "step",
-            }
-            for opt in optimizers
-        ]
-        return optimizers, schedulers
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
 
 def _as_list(value) -> list:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from reprozoo._validate import check
+from reprozoo.optim.sign_sgd import _sign_sgd_update
 
 
 class AdamATan2(torch.optim.Optimizer):
@@ -38,21 +39,65 @@ class AdamATan2(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    _adam_atan2_update(p, self.state[p], group["lr"], group["betas"], group["weight_decay"])
+        return loss
+
+
+def _adam_atan2_update(p: torch.Tensor, state: dict, lr: float, betas: tuple[float, float], weight_decay: float):
+    """One AdamATan2 step of ``p`` in place (``state``: its step count and moments, created on the first call)."""
+    beta1, beta2 = betas
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
+    state["step"] += 1
+    t = state["step"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(p.grad, 1 - beta1)
+    v.lerp_(p.grad.square(), 1 - beta2)
+    denom = v.sqrt() / (1 - beta2**t) ** 0.5
+    p.add_(torch.atan2(m, denom), alpha=-lr / (1 - beta1**t))
+
+
+class AdamATan2SignSGD(torch.optim.Optimizer):
+    """The official TRM pair as one optimizer: AdamATan2 for every param group, except the groups with
+    ``sign_sgd=True`` (the puzzle embedding's), which take :class:`~reprozoo.optim.SignSGD`'s update. One optimizer,
+    so that Lightning counts one optimizer step per step (it counts each optimizer's ``step``) and one scheduler
+    drives both learning rates."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+    ):
+        check(lr >= 0, "AdamATan2SignSGD", "lr", lr, ">= 0")
+        check(
+            len(betas) == 2 and all(0 <= b < 1 for b in betas),
+            "AdamATan2SignSGD",
+            "betas",
+            betas,
+            "two numbers in [0, 1)",
+        )
+        check(weight_decay >= 0, "AdamATan2SignSGD", "weight_decay", weight_decay, ">= 0")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, sign_sgd=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                p.mul_(1 - lr * weight_decay)
-                m.lerp_(p.grad, 1 - beta1)
-                v.lerp_(p.grad.square(), 1 - beta2)
-                denom = v.sqrt() / (1 - beta2**t) ** 0.5
-                p.add_(torch.atan2(m, denom), alpha=-lr / (1 - beta1**t))
+                if group["sign_sgd"]:
+                    _sign_sgd_update(p, group["lr"], group["weight_decay"])
+                else:
+                    _adam_atan2_update(p, self.state[p], group["lr"], group["betas"], group["weight_decay"])
         return loss

@@ -27,13 +27,16 @@ class SignSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, weight_decay = group["lr"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                used = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)  # (rows,)
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                decayed = p * (1 - lr * weight_decay) - lr * torch.sign(grad)
-                p.copy_(torch.where(used.view(shape), decayed, p))
+                if p.grad is not None:
+                    _sign_sgd_update(p, group["lr"], group["weight_decay"])
         return loss
+
+
+def _sign_sgd_update(p: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """One sign-SGD step of the rows of ``p`` that have a gradient (not all zero), in place."""
+    grad = p.grad
+    used = grad.reshape(grad.shape[0], -1).ne(0).any(dim=1)  # (rows,)
+    shape = (-1,) + (1,) * (p.dim() - 1)
+    decayed = p * (1 - lr * weight_decay) - lr * torch.sign(grad)
+    p.copy_(torch.where(used.view(shape), decayed, p))
