@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -102,9 +103,10 @@ def _run(loop: str, args) -> dict:
 
 
 def _accuracy_at(curve: list[tuple[int, float]], step: int) -> float:
-    """The last validation at or before ``step`` optimizer steps."""
-    seen = [acc for s, acc in curve if s <= step]
-    return seen[-1] if seen else float("nan")
+    """The first validation at or after ``step`` optimizer steps (a whole batch may pass a multiple of --val-every
+    by up to N_sup - 1 steps; the carry validates exactly there)."""
+    seen = [acc for s, acc in curve if s >= step]
+    return seen[0] if seen else float("nan")
 
 
 def _plot(results: list[dict], path: Path, title: str) -> None:
@@ -123,7 +125,7 @@ def _plot(results: list[dict], path: Path, title: str) -> None:
         )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation exact accuracy")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

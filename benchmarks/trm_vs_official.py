@@ -231,7 +231,8 @@ def main() -> None:
     end = time.perf_counter()
     our_step_times = [b - a for a, b in zip(our_times, our_times[1:] + [end])]
 
-    same_halting = all(torch.equal(a, b) for a, b in zip(official_halted, our_halted))
+    differ = [i for i, (a, b) in enumerate(zip(official_halted, our_halted), start=1) if not torch.equal(a, b)]
+    same_halting = not differ
     refills = [int(h.sum()) for h in official_halted[:-1]]
     skip = 2 if args.compile else 1  # the first step(s) include set-up (and compiling)
     t_official = sum(official_times[skip:]) / (args.steps - skip)
@@ -242,7 +243,8 @@ def main() -> None:
     print(f"{'step':>6} {'max |w_ours - w_official|':>28}")
     for step in sorted(diffs):
         print(f"{step:>6} {diffs[step]:>28.3e}")
-    print(f"halted the same puzzles at every step: {'yes' if same_halting else 'NO'}; puzzles refilled per step "
+    halting = "yes" if same_halting else f"NO (first at step {differ[0]})"
+    print(f"halted the same puzzles at every step: {halting}; puzzles refilled per step "
           f"(official): mean {sum(refills) / max(1, len(refills)):.2f} of {args.batch}, min {min(refills, default=0)}, "
           f"max {max(refills, default=0)}")  # fmt: skip
     print(f"time per optimizer step (steps {skip + 1}..{args.steps}): official {t_official * 1e3:.1f} ms, ours "

@@ -76,7 +76,12 @@ ADDED = {"TRMModule": {"optimizer": "adamw", "training_loop": "whole_batch", "co
 _CARRY = {"model.init_args.training_loop": "carry"}  # issue 16: the official streaming carry is the default loop
 CHANGED = {
     "configs/quickstart.yaml": _CARRY,
-    "configs/trm/sudoku_generated_cpu.yaml": _CARRY,
+    "configs/trm/sudoku_generated_cpu.yaml": _CARRY
+    | {  # issue 16: the zoo entry retrained with the carry on harder puzzles, trm_mlp64.sudoku_gen40
+        "model.init_args.n_sup": 4,
+        "data.init_args.num_givens": 40,
+        "trainer.logger.init_args.name": "trm_sudoku_gen40",
+    },
     "configs/trm/sudoku_extreme.yaml": _CARRY
     | {  # issue 16: the official recipe (optimizer pair, length in optimizer steps, bf16 + compile)
         "model.init_args.optimizer": "adam_atan2",

@@ -163,7 +163,7 @@ def test_bad_card_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "name, old_module, network",
     [
-        ("trm_mlp64.sudoku_gen45", "reprozoo.zoo.trm.TRMModule", "net"),
+        ("trm_mlp64.sudoku_gen40", "reprozoo.zoo.trm.TRMModule", "net"),
         ("engression_stonet.softplus_pre", "reprozoo.zoo.engression.EngressionRegressor", "generator"),
     ],
 )

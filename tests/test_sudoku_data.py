@@ -479,7 +479,9 @@ def test_splits_are_seeded_disjoint_and_batched(tmp_path):
 
     loader = a.train_dataloader()
     batches = list(loader)
-    assert len(batches) == 16 and sum(len(x["inputs"]) for x in batches) == 1000
+    assert (
+        len(batches) == 15 and sum(len(x["inputs"]) for x in batches) == 960
+    )  # drop_last: the carry needs full batches
     batch = batches[0]
     assert batch["inputs"].shape == batch["labels"].shape == (64, 81) and batch["puzzle_identifiers"].shape == (64,)
     assert batch["inputs"].dtype == batch["labels"].dtype == batch["puzzle_identifiers"].dtype == torch.long

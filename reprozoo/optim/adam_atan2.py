@@ -16,10 +16,12 @@ from collections.abc import Iterable
 import torch
 
 from reprozoo._validate import check
-from reprozoo.optim.sign_sgd import _sign_sgd_update
+from reprozoo.optim.sign_sgd import _ParamwiseOptimizer, _sign_sgd_update
 
 
-class AdamATan2(torch.optim.Optimizer):
+class AdamATan2(_ParamwiseOptimizer):
+    _extra_defaults: dict = {}
+
     def __init__(
         self,
         params: Iterable,
@@ -27,22 +29,14 @@ class AdamATan2(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 1e-2,
     ):
-        check(lr >= 0, "AdamATan2", "lr", lr, ">= 0")
-        check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "AdamATan2", "betas", betas, "two numbers in [0, 1)")
-        check(weight_decay >= 0, "AdamATan2", "weight_decay", weight_decay, ">= 0")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+        name = type(self).__name__
+        check(lr >= 0, name, "lr", lr, ">= 0")
+        check(len(betas) == 2 and all(0 <= b < 1 for b in betas), name, "betas", betas, "two numbers in [0, 1)")
+        check(weight_decay >= 0, name, "weight_decay", weight_decay, ">= 0")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, **self._extra_defaults))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    _adam_atan2_update(p, self.state[p], group["lr"], group["betas"], group["weight_decay"])
-        return loss
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        _adam_atan2_update(p, self.state[p], group["lr"], group["betas"], group["weight_decay"])
 
 
 def _adam_atan2_update(p: torch.Tensor, state: dict, lr: float, betas: tuple[float, float], weight_decay: float):
@@ -62,42 +56,16 @@ def _adam_atan2_update(p: torch.Tensor, state: dict, lr: float, betas: tuple[flo
     p.add_(torch.atan2(m, denom), alpha=-lr / (1 - beta1**t))
 
 
-class AdamATan2SignSGD(torch.optim.Optimizer):
+class AdamATan2SignSGD(AdamATan2):
     """The official TRM pair as one optimizer: AdamATan2 for every param group, except the groups with
     ``sign_sgd=True`` (the puzzle embedding's), which take :class:`~reprozoo.optim.SignSGD`'s update. One optimizer,
     so that Lightning counts one optimizer step per step (it counts each optimizer's ``step``) and one scheduler
     drives both learning rates."""
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 1e-2,
-    ):
-        check(lr >= 0, "AdamATan2SignSGD", "lr", lr, ">= 0")
-        check(
-            len(betas) == 2 and all(0 <= b < 1 for b in betas),
-            "AdamATan2SignSGD",
-            "betas",
-            betas,
-            "two numbers in [0, 1)",
-        )
-        check(weight_decay >= 0, "AdamATan2SignSGD", "weight_decay", weight_decay, ">= 0")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, sign_sgd=False))
+    _extra_defaults = {"sign_sgd": False}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["sign_sgd"]:
-                    _sign_sgd_update(p, group["lr"], group["weight_decay"])
-                else:
-                    _adam_atan2_update(p, self.state[p], group["lr"], group["betas"], group["weight_decay"])
-        return loss
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        if group["sign_sgd"]:
+            _sign_sgd_update(p, group["lr"], group["weight_decay"])
+        else:
+            super()._update(p, group)

@@ -14,11 +14,8 @@ import torch
 from reprozoo._validate import check
 
 
-class SignSGD(torch.optim.Optimizer):
-    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 1e-2):
-        check(lr >= 0, "SignSGD", "lr", lr, ">= 0")
-        check(weight_decay >= 0, "SignSGD", "weight_decay", weight_decay, ">= 0")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+class _ParamwiseOptimizer(torch.optim.Optimizer):
+    """An optimizer whose step updates each parameter that has a gradient on its own: ``_update(p, group)``."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -29,8 +26,21 @@ class SignSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    _sign_sgd_update(p, group["lr"], group["weight_decay"])
+                    self._update(p, group)
         return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+
+class SignSGD(_ParamwiseOptimizer):
+    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 1e-2):
+        check(lr >= 0, "SignSGD", "lr", lr, ">= 0")
+        check(weight_decay >= 0, "SignSGD", "weight_decay", weight_decay, ">= 0")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        _sign_sgd_update(p, group["lr"], group["weight_decay"])
 
 
 def _sign_sgd_update(p: torch.Tensor, lr: float, weight_decay: float) -> None:
