@@ -11,14 +11,15 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "reprozoo"
 
 # What each part of the package may import of reprozoo, floor by floor (CONTRIBUTING.md draws the same picture).
-# Floor 0, plumbing and domains that know nothing of Lightning modules: _files, _validate, _xla, _checks, sudoku,
-# transforms, optim.
+# Floor 0, plumbing and domains that know nothing of Lightning modules: _files, _validate, _xla, _checks,
+# _distributed, sudoku, transforms, optim.
 # Floor 1: nets (plain nn.Modules), callbacks (any LightningModule), datamodules, zoo (the weights registry).
 # Floor 2: methods (the LightningModules). Floor 3: cli.
 ALLOWED = {
     "_files": set(),
     "_validate": set(),
     "_xla": set(),
+    "_distributed": set(),
     "_checks": {"_xla"},
     "sudoku": {"_validate", "_files"},
     "transforms": {"_validate", "_files"},
