@@ -62,6 +62,8 @@ def run(name: str, config: str, args: argparse.Namespace, work: Path, *extra: st
     argv = [
         "fit",
         "--config",
+        str(CONFIGS / "base.yaml"),  # the data and trainer the three configs share (issue 15's bases)
+        "--config",
         str(CONFIGS / f"{config}.yaml"),
         *_data_args(args),
         "--trainer.max_epochs",

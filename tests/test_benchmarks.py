@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, real_data
 
 NOT_BENCHMARKS = {"_common", "run_all", "plot_curves"}  # helpers, the runner, a plotting tool for TensorBoard logs
 
@@ -33,3 +33,41 @@ def test_resume_overhead_benchmark_prints_its_tables():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ratio resumable / plain" in done.stdout and "+ RNGStateCheckpoint" in done.stdout
+
+
+@pytest.mark.slow
+def test_distillation_benchmark_runs_its_configs(tmp_path):
+    """The benchmark drives the distillation configs through the CLI; when the configs were split into a base and
+    overrides (issue 15) it kept passing only the override and stopped running, which nothing but run_all showed."""
+    mnist = real_data("mnist", "t10k-images-idx3-ubyte.gz").parent
+    args = [
+        "--data-dir",
+        str(mnist),
+        "--epochs",
+        "1",
+        "--train",
+        "300",
+        "--val",
+        "100",
+        "--test",
+        "200",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "distillation.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == [
+        "teacher",
+        "small",
+        "distilled T=4",
+        "distilled T=20",
+        "small, no 3s",
+        "distilled T=4, no 3s",
+        "distilled T=4, no 3s, bias",
+    ]
