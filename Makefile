@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# frost's texture photographs for the tests: imagecorruptions' package data (Apache-2.0, the same files as
+	# hendrycks/robustness), without its dependencies (full opencv-python, which must not sit beside the headless one)
+	$(PY) -m pip install --quiet --no-deps "imagecorruptions==1.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -30,7 +30,7 @@ from _common import MNIST_TEST_FILES, ROOT, missing_idx_files, quiet_lightning, 
 from reprozoo._files import data_path, data_root, write_atomic
 from reprozoo.cli import run_lightning
 
-CONFIGS = ROOT / "configs" / "distillation"
+CONFIGS = ROOT / "reprozoo" / "configs" / "distillation"
 # The seed notebook's test accuracies (full MNIST): what our runs are compared with.
 SEED = {
     "teacher": 0.9901,
@@ -110,8 +110,7 @@ def test_with_bias(result: dict, bias: float) -> dict:
 
 
 def export(results: dict[str, dict], out: Path, args: argparse.Namespace) -> list[str]:
-    from reprozoo.zoo import export_checkpoint
-    from reprozoo.zoo.registry import build_module, load_state, read_weights_file
+    from reprozoo.zoo import export_checkpoint, load_model
 
     lines = []
     for key, name, recipe, description in [
@@ -137,9 +136,7 @@ def export(results: dict[str, dict], out: Path, args: argparse.Namespace) -> lis
             r["ckpt"], name, out, recipe=recipe, dtype=torch.float16, description=description + "." + data_note
         )
         # Measure the exported file itself (float16 weights), then write the card again with those numbers.
-        payload = read_weights_file(weights_file)
-        model = build_module(payload["module"], payload["hparams"])
-        load_state(model, payload["state_dict"], str(weights_file))
+        model = load_model(card_file)
         metrics = r["trainer"].test(model, datamodule=r["datamodule"], verbose=False)[0]
         measured = {
             "test/acc": round(float(metrics["test/acc"]), 4),

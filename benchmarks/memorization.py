@@ -55,9 +55,9 @@ def run_setting(config: str, args: argparse.Namespace, work: Path) -> dict:
     argv = [
         "fit",
         "--config",
-        str(ROOT / "configs" / "memorization" / "base.yaml"),  # the shared settings, then the setting's
+        str(ROOT / "reprozoo" / "configs" / "memorization" / "base.yaml"),  # the shared settings, then the setting's
         "--config",
-        str(ROOT / "configs" / "memorization" / f"{config}.yaml"),
+        str(ROOT / "reprozoo" / "configs" / "memorization" / f"{config}.yaml"),
         "--trainer.logger.init_args.save_dir",
         str(work),
         "--checkpoint.dirpath",

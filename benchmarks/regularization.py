@@ -50,9 +50,9 @@ def run(variant: str, args: argparse.Namespace, work: Path) -> dict:
     argv = [
         "fit",
         "--config",
-        str(ROOT / "configs" / "regularization" / "base.yaml"),  # the shared settings, then the variant's
+        str(ROOT / "reprozoo" / "configs" / "regularization" / "base.yaml"),  # the shared settings, then the variant's
         "--config",
-        str(ROOT / "configs" / "regularization" / f"{variant}.yaml"),
+        str(ROOT / "reprozoo" / "configs" / "regularization" / f"{variant}.yaml"),
         "--data.init_args.dataset",
         args.dataset,
         "--data.init_args.data_dir",

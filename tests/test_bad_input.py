@@ -90,7 +90,7 @@ def work(tmp_path, monkeypatch):
     project."""
     work = tmp_path / "work"
     work.mkdir()
-    (work / "configs").symlink_to(ROOT / "configs")
+    (work / "configs").symlink_to(ROOT / "reprozoo" / "configs")
     monkeypatch.chdir(work)
     return work
 
@@ -180,7 +180,7 @@ def test_unknown_or_mistyped_key_or_value_names_it(config, extra, names, work, c
 
 
 def test_config_file_with_a_mistyped_key_names_the_key(work, capsys):
-    text = (ROOT / "configs" / "nca" / "rings.yaml").read_text()
+    text = (ROOT / "reprozoo" / "configs" / "nca" / "rings.yaml").read_text()
     assert "    out_dim: 2\n" in text
     (work / "typo.yaml").write_text(text.replace("    out_dim: 2\n", "    out_dimm: 2\n"))
     assert "out_dimm" in cli_exit(["fit", "--config", "typo.yaml"], capsys)
@@ -824,7 +824,7 @@ def private_registry(tmp_path, monkeypatch):
     """A copy of the packaged nca_linear.rings entry in its own package folder and registry."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
-    for suffix in (".pt", ".json"):
+    for suffix in (".safetensors", ".json"):
         shutil.copyfile(registry.PACKAGE_DIR / f"nca_linear.rings{suffix}", pkg / f"nca_linear.rings{suffix}")
     monkeypatch.setattr(registry, "PACKAGE_DIR", pkg)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
@@ -834,7 +834,7 @@ def private_registry(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncated", "tampered"])
 def test_damaged_packaged_zoo_file_is_refused(damage, private_registry):
     real = ROOT / "reprozoo" / "zoo" / "weights"
-    weights = private_registry / "nca_linear.rings.pt"
+    weights = private_registry / "nca_linear.rings.safetensors"
     data = bytearray(weights.read_bytes())
     if damage == "truncated":
         data = data[: len(data) // 2]
@@ -847,14 +847,17 @@ def test_damaged_packaged_zoo_file_is_refused(damage, private_registry):
 
 
 def test_damaged_cached_zoo_file_is_refused_and_kept(private_registry, tmp_path):
-    good = private_registry / "nca_linear.rings.pt"
+    good = private_registry / "nca_linear.rings.safetensors"
     card = json.loads((private_registry / "nca_linear.rings.json").read_text())
-    card.update(name="nca_linear.cached", file="nca_linear.cached.pt", url="https://example.invalid/nca.pt")
+    card.update(
+        name="nca_linear.cached", file="nca_linear.cached.safetensors", url="https://example.invalid/nca.safetensors"
+    )
     registry.register_weights(registry.WeightsEntry.from_card(card))
     cache = tmp_path / "zoo-cache"  # conftest: $REPROZOO_CACHE, offline
     cache.mkdir(exist_ok=True)
-    _truncated(good, cache / "nca_linear.cached.pt")
-    with unchanged(cache), pytest.raises(WeightsError, match=f"sha256 mismatch for {cache / 'nca_linear.cached.pt'}"):
+    cached = cache / "nca_linear.cached.safetensors"
+    _truncated(good, cached)
+    with unchanged(cache), pytest.raises(WeightsError, match=f"sha256 mismatch for {cached}"):
         load_model("nca_linear.cached")
 
 
@@ -886,9 +889,17 @@ def test_bad_zoo_card_names_file_and_key(tmp_path):
         registry.register_weights(path)
 
 
-def test_checkpoint_is_not_a_zoo_weights_file(ckpts):
-    with pytest.raises(WeightsError, match=f"{ckpts['nca']} is not a reprozoo weights file"):
-        registry.read_weights_file(ckpts["nca"])
+def test_checkpoint_is_not_a_zoo_weights_file(ckpts, tmp_path):
+    with pytest.raises(WeightsError, match="is a weights or checkpoint file, not a zoo name"):
+        load_model(ckpts["nca"])
+    # A card whose file is a Lightning checkpoint under another name (its sha256 right) is refused too.
+    data = Path(ckpts["nca"]).read_bytes()
+    (tmp_path / "x.y.safetensors").write_bytes(data)
+    card = json.loads((registry.PACKAGE_DIR / "nca_linear.rings.json").read_text())
+    card.update(name="x.y", file="x.y.safetensors", sha256=hashlib.sha256(data).hexdigest())
+    (tmp_path / "x.y.json").write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="x.y.safetensors is not a readable safetensors file"):
+        load_model(tmp_path / "x.y.json")
 
 
 # ----------------------------------------------------------------------------------------------- NaN / Inf loss

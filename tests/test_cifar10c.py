@@ -1,8 +1,11 @@
+import functools
 import hashlib
 import io
 import json
 import pickle
+import sys
 import tarfile
+import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -21,10 +24,19 @@ from reprozoo.datamodules.cifar10c import CIFAR10CDataset
 from reprozoo.datamodules.cifar10c_files import CIFAR10C_MD5, CIFAR10C_URL, generation_key
 from reprozoo.transforms import _image_ops as ops
 from reprozoo.transforms import corruptions as C
-from tests.conftest import real_data
+from reprozoo.transforms import frost_textures as FT
+from tests.conftest import REAL_DATA, real_data
 from tests.helpers import tiny_trainer
 
 REAL = ("cifar10", "test_jpeg_q75.npz")
+PACKAGE_FROST_DIR = FT.package_frost_dir  # the real lookup: the fixture below hides the package from the others
+
+
+@pytest.fixture(autouse=True)
+def _no_package_textures(monkeypatch):
+    """Frost's textures come only from what a test puts in place: an installed imagecorruptions (a dev
+    dependency) would make them available everywhere."""
+    monkeypatch.setattr(FT, "package_frost_dir", lambda: None)
 
 
 # ------------------------------------------------------------------ the official layout, written here
@@ -103,8 +115,23 @@ def test_default_batch_size_data_dir_and_single_values(tmp_path):
     assert dm.hparams.batch_size == 200 and dm.domains == ["contrast-3"]
     assert dm.folder == tmp_path / "data-root" / "CIFAR-10-C"
     assert CIFAR10CDataModule().domains == [f"{c}-5" for c in C.BENCHMARK_CORRUPTIONS]
-    generated = CIFAR10CDataModule(source="generate").corruptions  # frost needs its textures
+    generated = CIFAR10CDataModule(source="generate").corruptions  # offline and frost's textures nowhere
     assert generated == tuple(c for c in C.BENCHMARK_CORRUPTIONS if c != "frost")
+
+
+def test_generate_defaults_to_all_15_when_frost_textures_can_be_had(tmp_path, monkeypatch):
+    no_network(monkeypatch)  # deciding never downloads: that waits for the data
+    monkeypatch.delenv("REPROZOO_OFFLINE")
+    assert CIFAR10CDataModule(source="generate").corruptions == C.BENCHMARK_CORRUPTIONS  # downloadable
+    monkeypatch.setenv("REPROZOO_OFFLINE", "1")
+    assert "frost" not in CIFAR10CDataModule(source="generate").corruptions
+    textures = make_frost_dir(tmp_path / "mine", monkeypatch)
+    assert CIFAR10CDataModule(source="generate", frost_dir=str(textures)).corruptions == C.BENCHMARK_CORRUPTIONS
+    monkeypatch.setattr(FT, "package_frost_dir", lambda: textures)  # as an installed imagecorruptions
+    assert CIFAR10CDataModule(source="generate").corruptions == C.BENCHMARK_CORRUPTIONS
+    monkeypatch.setattr(FT, "package_frost_dir", lambda: None)
+    make_frost_dir(tmp_path / "data-root" / "frost", monkeypatch)  # the data root's frost/
+    assert CIFAR10CDataModule(source="generate").corruptions == C.BENCHMARK_CORRUPTIONS
 
 
 def test_num_examples_subsets_shuffle_and_normalize(tmp_path):
@@ -316,31 +343,52 @@ def test_severity_constants_are_the_cifar_ones():
     assert C.CORRUPTIONS[:15] == C.BENCHMARK_CORRUPTIONS and len(C.CORRUPTIONS) == 19
 
 
-def make_frost_dir(folder: Path) -> Path:
-    """Stand-in texture photographs (the real ones are not shipped): smooth, bright, large enough."""
-    folder.mkdir(parents=True, exist_ok=True)
+def stand_in_textures() -> dict[str, bytes]:
+    """Stand-in texture photographs, as file bytes: smooth, bright, large enough, of several sizes."""
     rng = np.random.default_rng(3)
+    out = {}
     for k, name in enumerate(C.FROST_FILES):
         small = (200 + 55 * rng.random((12, 16, 3))).astype(np.uint8)
-        Image.fromarray(small).resize((240 + 10 * k, 180), Image.BILINEAR).save(folder / name, quality=95)
+        buf = io.BytesIO()
+        Image.fromarray(small).resize((240 + 10 * k, 180), Image.BILINEAR).save(buf, name[-3:].replace("jpg", "jpeg"))
+        out[name] = buf.getvalue()
+    return out
+
+
+def make_frost_dir(folder: Path, monkeypatch) -> Path:
+    """A folder of stand-in textures, made the "official" ones for this test (their sha256 replace the real ones)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    textures = stand_in_textures()
+    for name, data in textures.items():
+        (folder / name).write_bytes(data)
+    monkeypatch.setattr(FT, "FROST_SHA256", {k: hashlib.sha256(v).hexdigest() for k, v in textures.items()})
     return folder
 
 
-def test_availability_and_unknown_names(tmp_path):
-    assert C.available_corruptions() == tuple(c for c in C.CORRUPTIONS if c != "frost")
+def test_availability_and_unknown_names(tmp_path, monkeypatch):
+    assert C.available_corruptions() == tuple(c for c in C.CORRUPTIONS if c != "frost")  # offline, nowhere
     assert "frost1.png" in C.unavailable_corruptions()["frost"]
-    with pytest.raises(ValueError, match="'frost' is unavailable.*frost_dir"):
+    with pytest.raises(ValueError, match="'frost' is unavailable.*REPROZOO_OFFLINE.*frost_dir"):
         C.check_corruption("frost")
+    monkeypatch.delenv("REPROZOO_OFFLINE")
+    assert C.available_corruptions() == C.CORRUPTIONS  # it would be downloaded
+    monkeypatch.setenv("REPROZOO_OFFLINE", "1")
     with pytest.raises(ValueError, match="unknown corruption 'fogg'.*gaussian_noise, shot_noise"):
         C.corrupt(np.zeros((1, 32, 32, 3), np.uint8), "fogg", 1)
     with pytest.raises(ValueError, match="severity"):
         C.corrupt(np.zeros((1, 32, 32, 3), np.uint8), "fog", 6)
     with pytest.raises(ValueError, match="uint8"):
         C.corrupt(np.zeros((1, 28, 28, 3), np.uint8), "fog", 1)
-    partial = make_frost_dir(tmp_path / "partial")
+    partial = make_frost_dir(tmp_path / "partial", monkeypatch)
     (partial / "frost3.png").unlink()
-    assert str(partial / "frost3.png") in C.unavailable_corruptions(partial)["frost"]
-    assert C.available_corruptions(make_frost_dir(tmp_path / "frost")) == C.CORRUPTIONS
+    assert f"{partial / 'frost3.png'} is missing" in C.unavailable_corruptions(partial)["frost"]
+    assert C.available_corruptions(make_frost_dir(tmp_path / "frost", monkeypatch)) == C.CORRUPTIONS
+    (tmp_path / "frost" / "frost4.jpg").write_bytes(b"another photograph")
+    why = C.unavailable_corruptions(tmp_path / "frost")["frost"]
+    assert f"{tmp_path / 'frost' / 'frost4.jpg'} has sha256 {hashlib.sha256(b'another photograph').hexdigest()}" in why
+    unused = make_frost_dir(tmp_path / "five", monkeypatch)
+    (unused / "frost6.jpg").unlink()  # never drawn by the script, so not needed
+    assert C.available_corruptions(unused) == C.CORRUPTIONS
 
 
 RANDOM = {
@@ -368,8 +416,8 @@ def images() -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", C.CORRUPTIONS)
-def test_every_corruption_is_seeded_shape_preserving_and_order_free(name, images, tmp_path_factory):
-    frost_dir = make_frost_dir(tmp_path_factory.mktemp("frost")) if name == "frost" else None
+def test_every_corruption_is_seeded_shape_preserving_and_order_free(name, images, tmp_path, monkeypatch):
+    frost_dir = make_frost_dir(tmp_path / "frost", monkeypatch) if name == "frost" else None
     out = C.corrupt(images, name, 3, seed=0, frost_dir=frost_dir)
     assert out.shape == images.shape and out.dtype == np.uint8 and not np.array_equal(out, images)
     assert C.corrupt(images, name, 3, seed=0, frost_dir=frost_dir).tobytes() == out.tobytes()
@@ -441,6 +489,178 @@ def test_motion_blur_kernel_follows_imagemagick():
     assert right[16, 16] > right[16, 15] > right[16, 14] > 0 and right[16, 17] == 0 and right[15].sum() == 0
     down = ops.motion_blur(dot, 6, 2, np.array([90.0]))[0]  # angle 90: from below (image rows grow downwards)
     assert down[15, 16] > 0 and down[17, 16] == 0 and down[16, 15] == 0
+
+
+# ------------------------------------------------------------------ frost's textures
+
+
+def serve(monkeypatch, files: dict[str, bytes], asked: list[str] | None = None):
+    """urllib.request.urlopen answering FROST_URL with ``files`` (by name), recording the URLs asked."""
+
+    def urlopen(url, timeout=None):
+        if asked is not None:
+            asked.append(url)
+        name = url.rsplit("/", 1)[-1]
+        if name not in files:
+            raise urllib.error.URLError("unreachable")
+        return io.BytesIO(files[name])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def test_frost_textures_resolve_in_order_explicit_data_root_package(tmp_path, monkeypatch):
+    no_network(monkeypatch)
+    package = make_frost_dir(tmp_path / "site-packages" / "imagecorruptions" / "frost", monkeypatch)
+    monkeypatch.setattr(FT, "package_frost_dir", lambda: package)
+    assert FT.resolve_frost_dir() == package  # the data root has none
+    root = make_frost_dir(tmp_path / "data-root" / "frost", monkeypatch)
+    assert FT.default_frost_dir() == root and FT.resolve_frost_dir() == root  # the data root comes first
+    (root / "frost2.png").unlink()
+    assert FT.resolve_frost_dir() == package  # an incomplete data root: the package's, complete
+    mine = make_frost_dir(tmp_path / "mine", monkeypatch)
+    assert FT.resolve_frost_dir(mine) == mine
+    (mine / "frost5.jpg").write_bytes(b"not the photograph")
+    with pytest.raises(FileNotFoundError, match=f"{mine / 'frost5.jpg'} has sha256"):
+        FT.resolve_frost_dir(mine)  # a named folder is the only one tried
+    with pytest.raises(ValueError, match="frost5.jpg has sha256"):
+        FT.read_frost_texture(mine, "frost5.jpg")  # checked again when read, the bytes used are the bytes checked
+    assert C.load_frost_textures(package)[3].shape == (36, 54, 3)  # 180 x 270 shrunk by 5
+
+
+def test_frost_textures_are_downloaded_checked_and_written_atomically(tmp_path, monkeypatch):
+    files = stand_in_textures()
+    make_frost_dir(tmp_path / "unused", monkeypatch)  # the stand-ins' sha256 become the official ones
+    folder = tmp_path / "data-root" / "frost"
+    with pytest.raises(FileNotFoundError, match="REPROZOO_OFFLINE") as err:
+        FT.resolve_frost_dir()
+    assert f"into {folder}/" in str(err.value) and "pip install imagecorruptions" in str(err.value)
+    assert not folder.exists()  # nothing done offline
+    monkeypatch.delenv("REPROZOO_OFFLINE")
+    serve(monkeypatch, {**files, "frost2.png": b"a tampered file"})
+    with pytest.raises(FileNotFoundError, match="download from .* failed: OSError: the sha256") as err:
+        FT.resolve_frost_dir()
+    msg = str(err.value)
+    assert "Put the files frost1.png, frost2.png, frost3.png, frost4.jpg, frost5.jpg of hendrycks/robustness" in msg
+    assert f"into {folder}/" in msg
+    assert sorted(p.name for p in folder.iterdir()) == ["frost1.png"]  # the refused file was never written
+    serve(monkeypatch, {})
+    with pytest.raises(FileNotFoundError, match="URLError"):
+        FT.resolve_frost_dir()
+    asked = []
+    serve(monkeypatch, files, asked)
+    assert FT.resolve_frost_dir() == folder
+    url = "https://raw.githubusercontent.com/hendrycks/robustness/" + FT.FROST_COMMIT + "/ImageNet-C/create_c/"
+    assert asked == [url + n for n in ("frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")]  # only the missing
+    assert sorted(p.name for p in folder.iterdir()) == list(C.FROST_FILES[:5])  # no temporary files, no frost6
+    assert all((folder / n).read_bytes() == files[n] for n in C.FROST_FILES[:5])
+    no_network(monkeypatch)
+    assert FT.resolve_frost_dir() == folder  # once there, never downloaded again
+    (folder / "frost3.png").write_bytes(b"edited")
+    with pytest.raises(FileNotFoundError, match="frost3.png has sha256 .*Delete or replace"):
+        FT.resolve_frost_dir()  # a wrong file is reported, never overwritten
+    assert (folder / "frost3.png").read_bytes() == b"edited"
+
+
+def test_package_frost_dir_locates_imagecorruptions_without_importing_it(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "imagecorruptions"
+    (package / "frost").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('imported')\n")
+    monkeypatch.delitem(sys.modules, "imagecorruptions", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert PACKAGE_FROST_DIR() == package / "frost" and "imagecorruptions" not in sys.modules
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path / "site")])
+    monkeypatch.setattr(FT, "PACKAGE", "imagecorruptions_not_installed_here")
+    assert PACKAGE_FROST_DIR() is None
+
+
+def test_generate_frost_downloads_its_textures_once_when_online(tmp_path, monkeypatch):
+    files = stand_in_textures()
+    make_frost_dir(tmp_path / "unused", monkeypatch)
+    x = np.random.default_rng(5).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    clean = tmp_path / "clean.npz"
+    np.savez(clean, x=x, y=np.arange(4))
+    monkeypatch.delenv("REPROZOO_OFFLINE")
+    asked = []
+    serve(monkeypatch, files, asked)
+    dm = CIFAR10CDataModule(source="generate", clean_npz=str(clean), severities=[2])
+    assert dm.corruptions == C.BENCHMARK_CORRUPTIONS and asked == []  # decided without the network
+    dm.prepare_data()
+    assert len(asked) == 5 and (tmp_path / "data-root" / "frost" / "frost5.jpg").is_file()
+    dm.setup()
+    assert len(dm.domains) == 15 and dm.files["frost-2"].name == f"frost-{FT.frost_textures_sha256()[:12]}-s2.npy"
+    assert np.array_equal(np.load(dm.files["frost-2"]), C.corrupt(x, "frost", 2))
+    assert np.array_equal(as_uint8(dm.datasets["frost-2"][1][0]), np.load(dm.files["frost-2"])[1])
+    assert len(asked) == 5  # the second look found them in the data root
+
+
+def test_shrink_is_cv2_resize_on_odd_sizes():
+    import cv2  # a dev dependency (opencv): the reference of make_cifar_c.py
+
+    rng = np.random.default_rng(8)
+    for h, w in ((165, 171), (163, 177), (168, 999), (37, 42), (1003, 1001)):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        assert np.array_equal(C.shrink_frost_texture(a), cv2.resize(a, (0, 0), fx=0.2, fy=0.2)), (h, w)
+
+
+def real_frost_dir() -> Path:
+    """The official textures as the dev dependencies install them (the imagecorruptions package's copies), or
+    ``$REPROZOO_DATA/frost`` of the real data; each checked against its official sha256."""
+    for folder in (PACKAGE_FROST_DIR(), REAL_DATA / "frost" if REAL_DATA else None):
+        if folder is not None and FT.find_frost_dir(folder) == folder:
+            return folder
+    pytest.fail(
+        "needs frost's official textures: install the dev dependencies (imagecorruptions ships them)", pytrace=False
+    )
+
+
+def test_real_frost_textures_are_read_and_shrunk_as_cv2_does():
+    import cv2
+
+    folder = real_frost_dir()
+    textures = C.load_frost_textures(folder)
+    for name, texture in zip(C.FROST_FILES, textures):
+        expected = cv2.resize(cv2.imread(str(folder / name)), (0, 0), fx=0.2, fy=0.2)[..., ::-1]
+        assert texture.shape == expected.shape and np.array_equal(texture, expected), name
+    assert [t.shape[:2] for t in textures] == [(120, 180), (63, 112), (63, 112), (70, 105), (99, 132)]
+
+
+def test_frost_is_make_cifar_c_s_byte_for_byte_on_real_images():
+    """make_cifar_c.py's own frost(x, severity) lines, run with OpenCV, its three np.random draws replaced by ours,
+    on real CIFAR-10 test images: the same bytes at every severity, from every texture, crops up to the edges."""
+    x = np.load(real_data(*REAL))["x"][::50]  # 200 images of every class (the file is sorted by class)
+    import cv2
+
+    folder = real_frost_dir()
+    files = [str(folder / name) for name in C.FROST_FILES]
+
+    @functools.cache
+    def script_texture(idx):  # frost = cv2.imread(filename); frost = cv2.resize(frost, (0, 0), fx=0.2, fy=0.2)
+        return cv2.resize(cv2.imread(files[idx]), (0, 0), fx=0.2, fy=0.2)
+
+    def script_frost(img, severity, idx, x_start, y_start):  # then the script's np.uint8(corruption(img))
+        c = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][severity - 1]
+        frost = script_texture(idx)
+        frost = frost[x_start : x_start + 32, y_start : y_start + 32][..., [2, 1, 0]]
+        return np.uint8(np.clip(c[0] * np.array(img) + c[1] * frost, 0, 255))
+
+    textures = C.load_frost_textures(folder)
+    for severity in C.SEVERITIES:
+        out = C.corrupt(x, "frost", severity, seed=0, frost_dir=folder)
+        draws = C.frost_draws([C.image_rng(0, "frost", severity, i) for i in range(len(x))], textures)
+        assert set(draws[:, 0]) == set(range(5))  # every texture drawn
+        for i, d in enumerate(draws):  # the script's randint(5), randint(0, h - 32), randint(0, w - 32), in order
+            r = C.image_rng(0, "frost", severity, i)
+            idx = int(r.integers(5))
+            h, w = script_texture(idx).shape[:2]
+            assert tuple(d) == (idx, r.integers(0, h - 32), r.integers(0, w - 32))
+        expected = np.stack([script_frost(Image.fromarray(img), severity, *d) for img, d in zip(x, draws)])
+        assert np.array_equal(out, expected), severity
+        for idx, tex in enumerate(textures):  # crops at the four corners the script's randint can reach
+            h, w = tex.shape[0] - 33, tex.shape[1] - 33
+            corners = np.array([(idx, 0, 0), (idx, h, w), (idx, h, 0), (idx, 0, w)])
+            got = ops.to_uint8(C.frost_blend(x[:4], C.SEVERITY_PARAMS["frost"][severity - 1], textures, corners))
+            want = np.stack([script_frost(Image.fromarray(img), severity, *d) for img, d in zip(x[:4], corners)])
+            assert np.array_equal(got, want), (severity, idx)
 
 
 # ------------------------------------------------------------------ generation from real images

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from reprozoo.cli import run_lightning
 from reprozoo.methods.classifier import ClassifierModule
 from reprozoo.nets import MLP
-from reprozoo.zoo import registry
+from reprozoo.zoo import export_checkpoint, registry
 from tests.conftest import ROOT
 from tests.helpers import tiny_trainer
 from tests.test_animal_faces import make_afhq
@@ -280,10 +280,8 @@ def test_cli_fit_then_load_from_checkpoint_without_arguments(tmp_path):
         assert torch.equal(value, saved["state_dict"][key]), key
     assert model.eval()(torch.randn(5, 3, 8, 8)).shape == (5, 3)
     # and on to a zoo file, which rebuilds the net from the recorded class_path
-    weights_file, _ = registry.export_checkpoint(ckpt, "classifier_mlp.tiny", tmp_path / "zoo")
-    payload = registry.read_weights_file(weights_file)
-    rebuilt = registry.build_module(payload["module"], payload["hparams"])
-    registry.load_state(rebuilt, payload["state_dict"], "test")
+    _, card = export_checkpoint(ckpt, "classifier_mlp.tiny", tmp_path / "zoo")
+    rebuilt = registry.load_model(card)
     assert torch.equal(rebuilt.net.head.weight, model.net.head.weight)
 
 

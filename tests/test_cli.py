@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reprozoo.cli import main, run_lightning
-from reprozoo.zoo import registry
+from reprozoo.zoo import export_checkpoint, registry
 from tests.conftest import ROOT
 from tests.test_configs import EXPERIMENTS, config_args
 
@@ -40,7 +40,7 @@ def _cli(*args, cwd):
 def fitted(tmp_path_factory):
     """One real `python cli.py fit` run of the quickstart config, shrunk."""
     work = tmp_path_factory.mktemp("cli")
-    (work / "configs").symlink_to(ROOT / "configs")
+    (work / "configs").symlink_to(ROOT / "reprozoo" / "configs")
     done = _cli("fit", "--config", "configs/engression/quickstart.yaml", *TINY, cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     (version,) = (work / "lightning_logs" / "engression_quickstart").iterdir()
@@ -169,12 +169,8 @@ def test_head_mode_from_config_trains_exports_and_reloads(tmp_path, monkeypatch)
         ]
     )
     assert cli.model.hparams.backbone["class_path"] == "torch.nn.Linear"
-    weights_file, _ = registry.export_checkpoint(
-        tmp_path / "ckpt" / "last.ckpt", "engression_head.tiny", tmp_path / "zoo"
-    )
-    payload = registry.read_weights_file(weights_file)
-    model = registry.build_module(payload["module"], payload["hparams"])
-    registry.load_state(model, payload["state_dict"], "test")
+    _, card = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", "engression_head.tiny", tmp_path / "zoo")
+    model = registry.load_model(card)
     assert torch.equal(model.backbone.weight, cli.model.backbone.weight)
 
 
@@ -182,7 +178,7 @@ def test_head_mode_from_config_trains_exports_and_reloads(tmp_path, monkeypatch)
 def test_trm_quickstart_end_to_end_shrunk(tmp_path):
     """The TRM quickstart through the real CLI, shrunk: trains, tests, prints a grid, writes predictions.csv;
     its checkpoint exports to a zoo file that loads and solves."""
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "configs").symlink_to(ROOT / "reprozoo" / "configs")
     shrink = [
         "--trainer.max_steps",
         "4",
@@ -220,10 +216,9 @@ def test_trm_quickstart_end_to_end_shrunk(tmp_path):
     assert len(rows) == 16 and {"question", "solution", "valid", "confidence"} <= set(rows[0])
     assert all(len(r["solution"]) == 81 and r["valid"] in ("True", "False") for r in rows)
 
-    weights_file, _ = registry.export_checkpoint(ckpt, "trm_tiny.test", tmp_path / "zoo")
-    payload = registry.read_weights_file(weights_file)
-    assert all(k.startswith("net.") for k in payload["state_dict"])  # EMA weights only, no optimizer, no copy
-    model = registry.build_module(payload["module"], payload["hparams"])
-    registry.load_state(model, payload["state_dict"], "test")
+    weights_file, card = export_checkpoint(ckpt, "trm_tiny.test", tmp_path / "zoo")
+    state = registry.read_weights(registry.get_weights(card), weights_file)
+    assert all(k.startswith("net.") for k in state)  # EMA weights only, no optimizer, no copy
+    model = registry.load_model(card)
     # strict=False: a 4-step model rarely solves a puzzle, and solve() raises for unsolved ones by default
     assert len(model.solve([r["question"] for r in rows[:3]], strict=False)) == 3

@@ -36,7 +36,9 @@ from reprozoo.cli import main
 from reprozoo.zoo import registry
 from tests.conftest import ROOT
 
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "reprozoo" / "configs"
+# Configs are named as on the command line, `configs/<folder>/<name>.yaml`: relative to the package, which ships them.
+HOME = CONFIGS.parent
 PRESETS = "configs/trainer/"  # trainer presets: compose with any experiment, neither experiments nor bases
 BASE = "base.yaml"  # the shared settings of the experiments of its folder; not an experiment itself
 GOLDEN = Path(__file__).resolve().parent / "configs_golden"
@@ -110,7 +112,7 @@ _COMMAND = re.compile(r"^#.*?\bpython cli\.py (fit|validate|test|predict)\s(.*)$
 
 
 def _rel(path: Path) -> str:
-    return path.relative_to(ROOT).as_posix()
+    return path.relative_to(HOME).as_posix()
 
 
 def _header(path: Path) -> list[str]:
@@ -153,7 +155,7 @@ def _experiment_files(path: Path) -> list[str] | None:
 ALL_FILES = sorted(_rel(p) for p in CONFIGS.rglob("*.yaml"))
 BASES = [f for f in ALL_FILES if f.endswith("/" + BASE)]
 EXPERIMENTS: dict[str, list[str] | None] = {
-    f: _experiment_files(ROOT / f) for f in ALL_FILES if not f.startswith(PRESETS) and f not in BASES
+    f: _experiment_files(HOME / f) for f in ALL_FILES if not f.startswith(PRESETS) and f not in BASES
 }
 
 
@@ -163,7 +165,7 @@ def config_args(config: str | Path) -> list[str]:
     path = Path(config)
     rel = _rel(path) if path.is_absolute() else path.as_posix()
     files = EXPERIMENTS[rel] or [rel]
-    return [word for f in files for word in ("--config", str(ROOT / f) if path.is_absolute() else f)]
+    return [word for f in files for word in ("--config", str(HOME / f) if path.is_absolute() else f)]
 
 
 def _golden_path(experiment: str) -> Path:
@@ -206,7 +208,7 @@ def test_experiment_header_shows_the_command_that_runs_it(experiment):
         f"{experiment}: the header comment must show the command that runs it, e.g. "
         f"`#   python cli.py fit --config {experiment}` (after its base's --config where it has one)"
     )
-    assert all((ROOT / f).is_file() for f in files), files
+    assert all((HOME / f).is_file() for f in files), files
     bases = files[:-1]
     folder = Path(experiment).parent.as_posix()
     assert bases in ([], [f"{folder}/{BASE}"]), f"{experiment}: composes with {bases}, not with its own folder's base"

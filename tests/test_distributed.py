@@ -36,7 +36,7 @@ from reprozoo.cli import run_lightning
 from reprozoo.nets import StochasticMLP
 from tests.conftest import ROOT, real_data
 from tests.helpers import trm_net
-from tests.test_configs import config_args
+from tests.test_configs import HOME, config_args
 
 pytestmark = [
     pytest.mark.slow,  # every test starts 2 processes through the real CLI
@@ -102,7 +102,7 @@ class Run:
         """The same config and sizes run by the real CLI in this process, on one device, from last.ckpt."""
         args = [
             subcommand,
-            *config_args(ROOT / self.config),  # with its base
+            *config_args(HOME / self.config),  # with its base
             *self.shrink,
             *ONE,
             *extra,
@@ -126,7 +126,7 @@ class Run:
 
 def _ddp(factory, name: str, subcommand: str, config: str, shrink: list[str], *extra: str) -> Run:
     work = factory.mktemp(name)
-    (work / "configs").symlink_to(ROOT / "configs")
+    (work / "configs").symlink_to(ROOT / "reprozoo" / "configs")
     env = {**os.environ, "REPROZOO_OFFLINE": "1", "REPROZOO_CACHE": str(factory.mktemp(f"{name}-cache"))}
     for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # left by in-process runs' seed_everything: not the CLI's
         env.pop(key, None)

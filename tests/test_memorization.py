@@ -17,7 +17,7 @@ from tests.test_configs import config_args
 
 pytestmark = pytest.mark.slow  # experiment configs run end to end through the CLI
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "memorization"
+CONFIGS = Path(__file__).resolve().parents[1] / "reprozoo" / "configs" / "memorization"
 
 
 def _run(tmp_path, config: str, *extra: str):

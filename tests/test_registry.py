@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reprozoo.methods.engression import EngressionRegressor
-from reprozoo.zoo import registry
+from reprozoo.zoo import export_checkpoint, registry
 from reprozoo.zoo.registry import WeightsError
 from tests.helpers import tiny_data, tiny_engression, tiny_trainer
 
@@ -28,7 +28,7 @@ def exported(checkpoint, tmp_path):
     """An exported entry, registered as if it lived behind a URL (a file:// URL to a 'server' folder)."""
     ckpt, model = checkpoint
     server = tmp_path / "server"
-    weights_file, card_file = registry.export_checkpoint(
+    weights_file, card_file = export_checkpoint(
         ckpt, "engression_test.tiny", server, module=CLASS, metrics={"test/energy_score": 0.5}, recipe="configs/x.yaml"
     )
     card = json.loads(card_file.read_text())
@@ -40,10 +40,12 @@ def exported(checkpoint, tmp_path):
 
 def test_export_writes_slim_file_and_card(exported):
     entry, weights_file, model = exported
-    payload = torch.load(weights_file, weights_only=True)
-    assert set(payload) == {"format", "module", "hparams", "state_dict"}  # no optimizer or loop state
-    assert payload["module"] == CLASS
-    assert set(payload["state_dict"]) == set(model.state_dict())
+    from safetensors import safe_open
+
+    with safe_open(weights_file, "pt") as fh:  # tensors only: no optimizer or loop state, nothing to unpickle
+        assert fh.metadata() == {"format": registry.FORMAT, "module": CLASS}
+        assert set(fh.keys()) == set(model.state_dict())
+    assert weights_file.suffix == ".safetensors" and entry.file == weights_file.name
     assert entry.sha256 == registry.sha256_file(weights_file) and len(entry.sha256) == 64
     assert entry.metrics == {"test/energy_score": 0.5} and entry.recipe == "configs/x.yaml"
     assert entry.size_bytes == weights_file.stat().st_size
@@ -108,13 +110,25 @@ def test_weights_file_cannot_run_code(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
+    # Today's files are safetensors: tensors only. Files of the first format (.pt) are read with weights_only=True.
     path = tmp_path / "evil.pt"
-    torch.save({"format": registry.FORMAT, "module": CLASS, "hparams": {}, "state_dict": {}, "x": Evil()}, path)
-    with pytest.raises(WeightsError, match="not a readable reprozoo weights file"):
-        registry.read_weights_file(path)
+    torch.save({"format": registry.LEGACY_FORMAT, "module": CLASS, "hparams": {}, "state_dict": {}, "x": Evil()}, path)
+    with pytest.raises(WeightsError, match="not a readable weights file"):
+        registry.read_weights_bytes(path.read_bytes(), str(path), legacy=True)
     torch.save({"state_dict": {}}, path)
     with pytest.raises(WeightsError, match="format"):
-        registry.read_weights_file(path)
+        registry.read_weights_bytes(path.read_bytes(), str(path), legacy=True)
+    with pytest.raises(WeightsError, match="x.safetensors is not a readable safetensors file"):
+        registry.read_weights_bytes(path.read_bytes(), "x.safetensors")
+    from safetensors.torch import save
+
+    unmarked = save({"w": torch.zeros(2)})
+    with pytest.raises(WeightsError, match="its metadata lacks format 'reprozoo-weights/2'"):
+        registry.read_weights_bytes(unmarked, "x.safetensors")
+    module, state = registry.read_weights_bytes(
+        save({"w": torch.ones(2)}, {"format": registry.FORMAT, "module": CLASS}), "y"
+    )
+    assert module == CLASS and torch.equal(state["w"], torch.ones(2))
 
 
 def test_unknown_name_suggests_close_ones(exported):
@@ -125,17 +139,15 @@ def test_unknown_name_suggests_close_ones(exported):
 def test_export_refuses_without_class_and_bad_names(checkpoint, tmp_path):
     ckpt, _ = checkpoint
     with pytest.raises(WeightsError, match="does not record its module class"):
-        registry.export_checkpoint(ckpt, "engression_x.y", tmp_path / "out")
+        export_checkpoint(ckpt, "engression_x.y", tmp_path / "out")
     with pytest.raises(WeightsError, match="method_arch.data"):
-        registry.export_checkpoint(ckpt, "no dots here", tmp_path / "out", module=CLASS)
+        export_checkpoint(ckpt, "no dots here", tmp_path / "out", module=CLASS)
 
 
 def test_strict_loading_refuses_other_architecture(exported, tmp_path):
     entry, weights_file, _ = exported
-    payload = torch.load(weights_file, weights_only=True)
-    payload["hparams"]["generator"]["init_args"]["hidden_dim"] = 32
-    torch.save(payload, weights_file)
-    card = entry.to_card() | {"sha256": registry.sha256_file(weights_file)}
+    card = entry.to_card()
+    card["hparams"]["generator"]["init_args"]["hidden_dim"] = 32  # the card says another width than the file holds
     registry.register_weights(registry.WeightsEntry.from_card(card), overwrite=True)
     with pytest.raises(WeightsError, match="does not fit EngressionRegressor"):
         registry.load_model(entry.name, offline=False, cache_dir=tmp_path / "cache2")
@@ -171,8 +183,9 @@ def test_zoo_files_written_before_the_layout_change_still_load(name, old_module,
     """A zoo file of the old layout (the class under reprozoo.zoo, the network's arguments flat in the module's
     hyperparameters) loads into the same model as the converted packaged entry."""
     entry = registry.get_weights(name)
-    payload = torch.load(registry.PACKAGE_DIR / entry.file, map_location="cpu", weights_only=True)
-    hparams = dict(payload["hparams"])
+    state = registry.read_weights(entry, registry.PACKAGE_DIR / entry.file)
+    payload = {"format": registry.LEGACY_FORMAT, "state_dict": state}
+    hparams = dict(entry.hparams)
     net = hparams.pop(network)["init_args"]
     flat = hparams | {k: v for k, v in net.items() if k not in ("rope_theta", "norm_eps")}  # TRM's two new ones
     torch.save({**payload, "module": old_module, "hparams": flat}, tmp_path / "old.pt")

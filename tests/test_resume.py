@@ -210,7 +210,7 @@ def test_resumable_loader_order_and_skip(num_workers):
 
 _KILL_ARGS = [
     "--config",
-    str(ROOT / "configs" / "engression" / "quickstart.yaml"),
+    str(ROOT / "reprozoo" / "configs" / "engression" / "quickstart.yaml"),
     "--trainer.max_steps",
     "24",
     "--trainer.max_epochs",

@@ -23,7 +23,7 @@ from reprozoo.methods import tent
 from reprozoo.methods.engression import EngressionRegressor
 from reprozoo.methods.trm import TRMModule, UnsolvedPuzzlesError
 from reprozoo.sudoku import answer_problem, encode, generate_puzzles, grid_problem, is_valid_solution
-from reprozoo.zoo import registry
+from reprozoo.zoo import export, export_checkpoint, registry
 from reprozoo.zoo.registry import WeightsError
 from tests.helpers import tiny_data, tiny_engression, tiny_trainer, trm_net
 
@@ -233,7 +233,11 @@ def test_export_from_the_cli_loads_back_from_its_card(trained, tmp_path, capsys,
     args = ["zoo", "export", str(ckpt), "--name", "engression_user.tiny", "--out", str(out), "--module", ENGRESSION]
     assert main(args) == 0, capsys.readouterr().err
     card = out / "engression_user.tiny.json"
-    assert sorted(p.name for p in out.iterdir()) == ["engression_user.tiny.json", "engression_user.tiny.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "engression_user.tiny.ckpt",
+        "engression_user.tiny.json",
+        "engression_user.tiny.safetensors",
+    ]
 
     for spec in (card, str(card)):  # a Path or a string ending in .json
         loaded = registry.load_model(spec)
@@ -241,7 +245,7 @@ def test_export_from_the_cli_loads_back_from_its_card(trained, tmp_path, capsys,
         assert loaded.state_dict().keys() == model.state_dict().keys()
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
         assert torch.equal(loaded.sample(X, 5, seed=3), model.sample(X, 5, seed=3))
-    assert registry.get_weights(str(card)).sha256 == registry.sha256_file(out / "engression_user.tiny.pt")
+    assert registry.get_weights(str(card)).sha256 == registry.sha256_file(out / "engression_user.tiny.safetensors")
 
     tuned = tiny_engression(weights=str(card))  # `--model.init_args.weights <card>` in a config
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in tuned.state_dict().items())
@@ -255,7 +259,7 @@ def test_export_from_the_cli_loads_back_from_its_card(trained, tmp_path, capsys,
 def test_export_refuses_bad_names_and_writes_nothing(trained, tmp_path, name):
     _, ckpt = trained
     with pytest.raises(WeightsError, match="method_arch.data") as info:
-        registry.export_checkpoint(ckpt, name, tmp_path / "out", module=ENGRESSION)
+        export_checkpoint(ckpt, name, tmp_path / "out", module=ENGRESSION)
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
 
@@ -290,31 +294,31 @@ def _text(ckpt, tmp_path):
 def test_export_of_a_bad_checkpoint_is_one_line_and_writes_nothing(trained, tmp_path, make_ckpt, kwargs, words):
     _, ckpt = trained
     with pytest.raises(WeightsError, match=words) as info:
-        registry.export_checkpoint(make_ckpt(ckpt, tmp_path), "engression_user.bad", tmp_path / "out", **kwargs)
+        export_checkpoint(make_ckpt(ckpt, tmp_path), "engression_user.bad", tmp_path / "out", **kwargs)
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
 
 def test_export_that_cannot_write_its_card_leaves_no_weights_file(trained, tmp_path, monkeypatch):
     _, ckpt = trained
-    real = registry.write_atomic
+    real = export.write_atomic
 
     def card_fails(path, data):
         if str(path).endswith(".json"):
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(registry, "write_atomic", card_fails)
+    monkeypatch.setattr(export, "write_atomic", card_fails)
     with pytest.raises(WeightsError, match="cannot write the export .*No space left") as info:
-        registry.export_checkpoint(ckpt, "engression_user.full", tmp_path / "out", module=ENGRESSION)
+        export_checkpoint(ckpt, "engression_user.full", tmp_path / "out", module=ENGRESSION)
     assert "\n" not in str(info.value) and list((tmp_path / "out").iterdir()) == []
     (tmp_path / "file").write_text("")
     with pytest.raises(WeightsError, match="it is a file, not a folder"):
-        registry.export_checkpoint(ckpt, "engression_user.full", tmp_path / "file", module=ENGRESSION)
+        export_checkpoint(ckpt, "engression_user.full", tmp_path / "file", module=ENGRESSION)
 
 
 def test_loading_a_damaged_or_incomplete_export_is_refused(trained, tmp_path):
     _, ckpt = trained
-    weights, card = registry.export_checkpoint(ckpt, "engression_user.dmg", tmp_path / "out", module=ENGRESSION)
+    weights, card = export_checkpoint(ckpt, "engression_user.dmg", tmp_path / "out", module=ENGRESSION)
     for spec in (weights, str(weights), ckpt):
         with pytest.raises(WeightsError, match="give the card \\(.json\\)"):
             registry.load_model(spec)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from reprozoo import cli
-from reprozoo.cli import main
+from reprozoo.cli import CONFIG_DIR, main
 from reprozoo.methods.engression import EngressionRegressor
 from reprozoo.zoo import registry
 from tests.conftest import ROOT
@@ -87,7 +87,7 @@ def step_of(ckpt: Path) -> int:
 def work(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
-    (work / "configs").symlink_to(ROOT / "configs")
+    (work / "configs").symlink_to(ROOT / "reprozoo" / "configs")
     monkeypatch.chdir(work)
     return work
 
@@ -96,7 +96,7 @@ def work(tmp_path, monkeypatch):
 def trained(tmp_path_factory) -> Path:
     """One tiny fit of the engression quickstart (2 epochs, global step 4): its version folder, to copy."""
     root = tmp_path_factory.mktemp("trained")
-    (root / "configs").symlink_to(ROOT / "configs")
+    (root / "configs").symlink_to(ROOT / "reprozoo" / "configs")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("REPROZOO_CACHE", str(root / "zoo-cache"))
@@ -155,7 +155,9 @@ def test_config_file_errors_are_one_line(work, capsys):
     (work / "broken.yaml").write_text("model:\n  class_path: [unclosed\n")
     line = refused(capsys, "fit", "--config", "broken.yaml")
     assert "broken.yaml is not valid YAML" in line and "line 3" in line and "line 2" in line, line
-    (work / "typo.yaml").write_text((ROOT / QUICK).read_text().replace("    lr: 0.005\n", "    lrr: 0.005\n"))
+    (work / "typo.yaml").write_text(
+        (CONFIG_DIR.parent / QUICK).read_text().replace("    lr: 0.005\n", "    lrr: 0.005\n")
+    )
     assert "lrr" in refused(capsys, "fit", "--config", "typo.yaml")
     assert "File does not exist" in refused(capsys, "fit", "--config", "configs/engression/quikstart.yaml")
     line = refused(capsys, "fitt", "--config", QUICK)
@@ -183,15 +185,15 @@ def test_tampered_zoo_file(work, capsys, monkeypatch, tmp_path):
     name = "engression_stonet.softplus_pre"
     package = tmp_path / "package"
     package.mkdir()
-    for suffix in (".pt", ".json"):
+    for suffix in (".safetensors", ".json"):
         shutil.copyfile(registry.PACKAGE_DIR / f"{name}{suffix}", package / f"{name}{suffix}")
-    data = bytearray((package / f"{name}.pt").read_bytes())
+    data = bytearray((package / f"{name}.safetensors").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (package / f"{name}.pt").write_bytes(bytes(data))
+    (package / f"{name}.safetensors").write_bytes(bytes(data))
     monkeypatch.setattr(registry, "PACKAGE_DIR", package)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     line = refused(capsys, "fit", "--config", QUICK, *TINY, "--model.init_args.weights", name)
-    assert f"sha256 mismatch for {package / name}.pt" in line and "it was not loaded" in line, line
+    assert f"sha256 mismatch for {package / name}.safetensors" in line and "it was not loaded" in line, line
     assert digest(work) == {}
 
 
@@ -348,7 +350,7 @@ def test_resume_last_continues_the_run_in_its_folder(work, capsys, monkeypatch):
 
     straight = work.parent / "straight"
     straight.mkdir()
-    (straight / "configs").symlink_to(ROOT / "configs")
+    (straight / "configs").symlink_to(ROOT / "reprozoo" / "configs")
     monkeypatch.chdir(straight)
     assert main(["fit", "--config", QUICK, *TINY, "--trainer.max_epochs", "4"]) == 0
     a = torch.load(straight / RUN / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from reprozoo.cli import run_lightning
+from reprozoo.cli import CONFIG_DIR, run_lightning
 from reprozoo.zoo import registry
 from tests.conftest import ROOT, real_data
 
@@ -31,7 +31,7 @@ def test_entry_loads_offline_and_matches_its_card(name, monkeypatch):
     assert f"{type(model).__module__}.{type(model).__qualname__}" == entry.module
     assert not model.training
     assert entry.metrics, "cards record the metrics our recipe measured"
-    assert entry.recipe and (ROOT / entry.recipe).is_file()
+    assert entry.recipe and (CONFIG_DIR.parent / entry.recipe).is_file()
     assert entry.size_bytes == (registry.PACKAGE_DIR / entry.file).stat().st_size if entry.url is None else True
     plain = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if k != "weights"}))  # noqa: E731 tuples -> lists
     assert plain(dict(model.hparams)) == plain(entry.hparams)
@@ -47,7 +47,7 @@ def test_entry_reproduces_its_test_metrics_through_the_cli(name, monkeypatch, tm
         pytest.fail(f"{name}: card has no test metrics to check")
     import yaml
 
-    data_args = yaml.safe_load((ROOT / entry.recipe).read_text()).get("data", {}).get("init_args", {})
+    data_args = yaml.safe_load((CONFIG_DIR.parent / entry.recipe).read_text()).get("data", {}).get("init_args", {})
     # Each test has an empty data root (conftest): recipes on the real MNIST images read the real copy in place
     # (skipped where there is none).
     real = ["--data.init_args.data_dir", str(real_data("mnist"))] if data_args.get("dataset") == "mnist" else []
@@ -87,7 +87,7 @@ def test_trm_entry_solves_fresh_puzzles(name):
     from reprozoo.sudoku import consistent, generate_puzzles, is_valid_solution
 
     entry = registry.get_weights(name)
-    recipe = yaml.safe_load((ROOT / entry.recipe).read_text())
+    recipe = yaml.safe_load((CONFIG_DIR.parent / entry.recipe).read_text())
     givens = recipe["data"]["init_args"]["num_givens"]
     rows = generate_puzzles(100, givens, seed=f"zoo-test:{name}")
     model = registry.load_model(name, offline=True)

@@ -1,4 +1,6 @@
-"""Command line: ``python cli.py {fit,validate,test,predict} --config ...`` (LightningCLI) and ``python cli.py zoo ...``.
+"""Command line: ``python cli.py {fit,validate,test,predict} --config ...`` (LightningCLI), ``python cli.py zoo ...``
+and ``python cli.py configs`` (the configs shipped in the package; ``--config configs/<folder>/<name>.yaml`` names
+them from any folder, see :mod:`reprozoo.cli._configs`).
 
 Models and datamodules are chosen in subclass mode (``model: {class_path: ..., init_args: ...}``), so any
 LightningModule / LightningDataModule importable by its class path works, ours or the user's. Trainer presets in
@@ -27,18 +29,22 @@ from __future__ import annotations
 import os
 import sys
 
+from reprozoo.cli._configs import CONFIG_DIR, list_configs, packaged_config
 from reprozoo.cli._errors import DEBUG_ENV, ResumeError, _debug, _is_user_error, _say, _user_message
 from reprozoo.cli._lightning import TRAINER_DEFAULTS, ReprozooCLI, run_lightning
 from reprozoo.cli._resume import RunGuard
 from reprozoo.cli._zoo import zoo_main
 
 __all__ = [
+    "CONFIG_DIR",
     "DEBUG_ENV",
     "TRAINER_DEFAULTS",
     "ReprozooCLI",
     "ResumeError",
     "RunGuard",
+    "list_configs",
     "main",
+    "packaged_config",
     "run_lightning",
     "zoo_main",
 ]
@@ -57,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if words[:1] == ["zoo"]:
             return zoo_main(words[1:])
+        if words == ["configs"]:
+            print("\n".join(list_configs()))
+            return 0
         run_lightning(None if argv is None else words)  # None: LightningCLI reads sys.argv itself
     except SystemExit as exit_:  # parse errors (already reported on one line), --help, --print_config
         if exit_.code is None or isinstance(exit_.code, int):

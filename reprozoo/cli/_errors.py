@@ -108,6 +108,8 @@ def _refuse_arguments(message: str, err: BaseException | None = None):
     """A parse error: one line on stderr and exit status 2 (REPROZOO_DEBUG=1: jsonargparse's exception)."""
     if _debug():
         raise ArgumentError(None, message) from err
+    if message.startswith("--config:") and "does not exist" in message:
+        message += " (neither here nor among the configs shipped with reprozoo: `python cli.py configs` lists those)"
     _say(f"error: {message}")
     raise SystemExit(2)
 

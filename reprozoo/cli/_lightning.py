@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 # Imported so that their classes resolve by short name in configs and on the command line.
 from reprozoo import _checks, callbacks, datamodules, methods, nets
+from reprozoo.cli._configs import resolve_config_args
 from reprozoo.cli._errors import (
     ResumeError,
     _argument_message,
@@ -279,6 +280,11 @@ def run_lightning(args: list[str] | None = None) -> ReprozooCLI:
     wrote a checkpoint first removes the folders and files it created."""
     guard = RunGuard()
     _quiet_lightning()
+    if args is None:
+        # LightningCLI (and DDP's relaunch of this command) read sys.argv: name the packaged configs in it.
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    elif isinstance(args, list):
+        args = resolve_config_args([str(a) for a in args])
     try:
         return ReprozooCLI(
             L.LightningModule,

@@ -30,9 +30,12 @@ Two sources (``source``):
   ``<key>`` hashes the sha256 of the clean source file, ``seed`` and ``CORRUPTIONS_VERSION``, so a changed
   source, seed or corruption code never reuses a stale cache. Each image's corruption depends only on
   (seed, corruption, severity, image index), so a file holding M rows is extended, never redone, when a run
-  needs more; files are written through a temporary file and ``os.replace``. ``frost`` needs its texture
-  photographs (``frost_dir``, see :func:`reprozoo.transforms.corruptions.unavailable_corruptions`); its files
-  are named ``frost-<textures' sha256 prefix>-s<severity>.npy``.
+  needs more; files are written through a temporary file and ``os.replace``. ``frost`` needs the five texture
+  photographs of hendrycks/robustness (Apache-2.0), which reprozoo does not ship: they are read from
+  ``frost_dir``, ``<data root>/frost/`` or the ``imagecorruptions`` package, else downloaded into
+  ``<data root>/frost/`` unless offline, each checked against its sha256 (see
+  :mod:`reprozoo.transforms.frost_textures`); its files are named
+  ``frost-<textures' sha256 prefix>-s<severity>.npy``.
 
 Domains, in this order: ``"clean"`` (with ``include_clean``: the clean test set, from ``clean_npz`` or
 torchvision for either source), then ``"<corruption>-<severity>"`` for each severity, for each corruption (TENT's
@@ -75,7 +78,6 @@ from reprozoo.datamodules.cifar10c_files import (
     default_clean_root,
     default_data_dir,
     download_cifar10c,
-    frost_textures_sha256,
     generation_key,
     load_clean_npz,
     load_torchvision_test_set,
@@ -91,6 +93,7 @@ from reprozoo.transforms.corruptions import (
     check_corruption,
     corrupt,
 )
+from reprozoo.transforms.frost_textures import frost_textures_sha256
 
 # ----------------------------------------------------------------------------------------------- items
 
@@ -175,8 +178,9 @@ class CIFAR10CDataModule(L.LightningDataModule):
             (made here from a clean CIFAR-10 test set and cached; see the module docstring).
         corruptions: names among the 15 benchmark corruptions and the 4 extra ones (``speckle_noise``,
             ``gaussian_blur``, ``spatter``, ``saturate``); a single name works. Default: the 15 benchmark ones in
-            ``make_cifar_c.py``'s order, or for ``source="generate"`` those of them available here (all but
-            ``frost`` without ``frost_dir``; asking for ``frost`` by name without it is an error).
+            ``make_cifar_c.py``'s order; for ``source="generate"`` all 15 when ``frost``'s texture photographs are
+            found or can be downloaded (see ``frost_dir``), else the other 14 (asking for ``frost`` by name then
+            is an error saying which files to put where).
         severities: in 1..5 (default ``(5,)``, the severity TENT's tables report); a single integer works.
         num_examples: items per domain: the first ``num_examples`` (``subset="first"``, as robustbench's
             ``n_examples``) or a seeded random sample (``subset="random"``, served in the order drawn, so classes
@@ -195,7 +199,10 @@ class CIFAR10CDataModule(L.LightningDataModule):
             is not in the working directory is looked up under the data root.
         clean_root: torchvision's CIFAR10 root (default ``<data root>/cifar10``); downloaded there by
             torchvision when missing, unless offline.
-        frost_dir: the folder with ``make_cifar_c.py``'s frost textures, needed to generate ``frost``.
+        frost_dir: a folder with ``make_cifar_c.py``'s frost textures (``frost1.png`` .. ``frost5.jpg``); default:
+            ``<data root>/frost/``, else the installed ``imagecorruptions`` package's copies, else downloaded
+            from hendrycks/robustness into ``<data root>/frost/`` when generating (not when offline). Every file
+            must have its official sha256.
         normalize: normalise items with ``mean`` / ``std`` (default: no, items in [0, 1]).
         mean, std: per-channel, default the CIFAR-10 training statistics ``MEAN`` / ``STD``.
         url, md5: where the official archive is downloaded from and its md5 (a ``file://`` URL works); nothing is
@@ -420,7 +427,7 @@ class CIFAR10CDataModule(L.LightningDataModule):
     def generated_file_name(self, corruption: str, severity: int) -> str:
         """``<corruption>-s<severity>.npy`` (``frost-<textures' sha256 prefix>-s<severity>.npy`` for frost)."""
         if corruption == "frost":
-            return f"frost-{frost_textures_sha256(self.hparams.frost_dir)[:12]}-s{severity}.npy"
+            return f"frost-{frost_textures_sha256()[:12]}-s{severity}.npy"  # only the official textures are used
         return f"{corruption}-s{severity}.npy"
 
     def ensure_generated(self) -> dict[str, Path]:

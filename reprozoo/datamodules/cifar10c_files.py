@@ -15,12 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reprozoo._files import data_root, offline, publish, sha256_file
-from reprozoo.transforms.corruptions import (
-    CORRUPTIONS_VERSION,
-    FROST_FILES,
-    FROST_USED,
-)
+from reprozoo._files import data_root, offline, publish
+from reprozoo.transforms.corruptions import CORRUPTIONS_VERSION
 
 # Zenodo record 2535967 ("CIFAR-10-C and CIFAR-10-P", Hendrycks), the file robustbench downloads
 ZENODO_RECORD = "2535967"
@@ -234,10 +230,3 @@ def generation_key(source_sha256: str, seed: int) -> str:
     ``CORRUPTIONS_VERSION``."""
     spec = {"corruptions_version": CORRUPTIONS_VERSION, "seed": int(seed), "source_sha256": source_sha256}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def frost_textures_sha256(frost_dir: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    for name in FROST_FILES[:FROST_USED]:
-        digest.update(sha256_file(Path(frost_dir) / name).encode())
-    return digest.hexdigest()

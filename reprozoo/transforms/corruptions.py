@@ -26,9 +26,11 @@ on. Each corruption is re-derived here from what those libraries compute, batche
 
 Given the same random draws, every corruption but ``frost`` was checked during development to give the same
 bytes as the script's own code run with SciPy 1.13, scikit-image 0.24, OpenCV 4.5.5 (the pip wheel), Pillow and
-ImageMagick 6.9.11 Q16, on 300 real CIFAR-10 test images at each severity (``frost``: its texture resize and
-crop only, on stand-in textures). Sums are ordered as those libraries order them (e.g. scipy's symmetric
-correlation) so that the final truncation to uint8 agrees too. Other versions of those libraries may differ in
+ImageMagick 6.9.11 Q16, on 300 real CIFAR-10 test images at each severity; ``frost`` is checked by the test suite
+(``test_frost_is_make_cifar_c_s_byte_for_byte_on_real_images``) against the script's own lines run with the
+OpenCV of the dev dependencies on real CIFAR-10 test images, at all 5 severities and from all 5 textures. Sums are
+ordered as those libraries order them (e.g. scipy's symmetric correlation) so that the final truncation to uint8
+agrees too. Other versions of those libraries may differ in
 the last bit (the script's outputs themselves depend on them).
 
 Two behaviours of the script are kept on purpose because the published data have them: ``glass_blur``'s "swap"
@@ -36,10 +38,13 @@ Two behaviours of the script are kept on purpose because the published data have
 offsets come from ``randint(-1, 1)``, i.e. -1 or 0; ``zoom_blur``'s ``np.arange(1, 1.06, 0.01)`` lists have 7,
 12, 16, 21 and 26 zoom factors (floating-point ends included).
 
-``frost`` blends crops of six texture photographs (``frost1.png`` ... ``frost6.jpg`` of the same folder of the
-robustness repository) that are not shipped here: it is available only with ``frost_dir``, the folder holding
-them (the script draws among the first five, shrunk by 5 with OpenCV's bilinear resize, which at that exact
-factor samples every fifth pixel from the third). See :func:`unavailable_corruptions`.
+``frost`` blends a crop of one of five texture photographs (``frost1.png`` ... ``frost5.jpg`` of the same folder
+of the robustness repository, Apache-2.0; its ``frost6.jpg`` is never drawn), read with PIL and shrunk by 5 as
+OpenCV's bilinear ``resize(fx=0.2, fy=0.2)`` does (at that exact factor: every fifth pixel from the third).
+reprozoo does not ship them: :mod:`reprozoo.transforms.frost_textures` finds them in ``frost_dir``, the data
+root's ``frost/``, or the ``imagecorruptions`` package (which ships the same files), else downloads them from the
+repository (not when offline), and checks every file's sha256; so all 19 corruptions can be generated, and
+:func:`unavailable_corruptions` says why ``frost`` cannot be when its textures cannot be had.
 
 Randomness: not numpy's global state but one generator per image, derived from ``(seed, corruption, severity,
 image index)`` (:func:`image_rng`), so results are deterministic per seed and do not depend on the order, the
@@ -54,11 +59,11 @@ import io
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from reprozoo.transforms import frost_textures
 from reprozoo.transforms._image_ops import (
     IMAGE_SIZE,
     affine_from_points,
@@ -150,8 +155,8 @@ SEVERITY_PARAMS: dict[str, tuple] = {
     "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),  # HSV saturation factor, offset
 }
 
-FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
-FROST_USED = 5  # np.random.randint(5): the script never picks frost6.jpg
+FROST_FILES = frost_textures.FROST_FILES
+FROST_USED = frost_textures.FROST_USED  # np.random.randint(5): the script never picks frost6.jpg
 
 _NOISES = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
 
@@ -159,31 +164,18 @@ _NOISES = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
 # ----------------------------------------------------------------------------------------------- availability
 
 
-def _frost_missing(frost_dir: str | os.PathLike | None) -> list[str]:
-    if frost_dir is None:
-        return list(FROST_FILES[:FROST_USED])
-    return [f for f in FROST_FILES[:FROST_USED] if not (Path(frost_dir) / f).is_file()]
-
-
 def unavailable_corruptions(frost_dir: str | os.PathLike | None = None) -> dict[str, str]:
-    """{name: why it cannot be generated here} (empty when all 19 can)."""
-    missing = _frost_missing(frost_dir)
-    if not missing:
-        return {}
-    if frost_dir is None:
-        why = (
-            "frost blends crops of the texture photographs frost1.png, frost2.png, frost3.png, frost4.jpg and "
-            "frost5.jpg of hendrycks/robustness (ImageNet-C/create_c/), which are not shipped with reprozoo; "
-            "pass frost_dir, the folder holding them, to generate it"
-        )
-    else:
-        why = f"frost needs the texture photographs {', '.join(str(Path(frost_dir) / f) for f in missing)}"
-    return {"frost": why}
+    """{name: why it cannot be generated here} (empty when all 19 can). Only ``frost`` can be missing: when its
+    textures are not in ``frost_dir`` (when given), or are found nowhere here while offline (see
+    :func:`reprozoo.transforms.frost_textures.frost_unavailable_reason`; textures that can still be downloaded
+    count as available)."""
+    why = frost_textures.frost_unavailable_reason(frost_dir)
+    return {"frost": why} if why else {}
 
 
 def available_corruptions(frost_dir: str | os.PathLike | None = None) -> tuple[str, ...]:
     """The corruptions :func:`corrupt` can generate, in the official order: all 19, or all but ``frost`` when its
-    texture photographs are not in ``frost_dir``."""
+    texture photographs cannot be had (see :func:`unavailable_corruptions`)."""
     missing = unavailable_corruptions(frost_dir)
     return tuple(c for c in CORRUPTIONS if c not in missing)
 
@@ -299,44 +291,68 @@ def _snow(x, c, rngs):
     return np.clip(x + layer + layer[:, ::-1, ::-1], 0, 1) * 255
 
 
-def load_frost_textures(frost_dir: str | os.PathLike) -> list[np.ndarray]:
-    """The script's frost textures: ``frost1.png`` .. ``frost5.jpg`` of ``frost_dir`` as RGB uint8, shrunk as
-    ``cv2.resize(fx=0.2, fy=0.2)`` does (bilinear at a scale of exactly 5 samples pixel 5k + 2)."""
-    missing = _frost_missing(frost_dir)
-    if missing:
-        raise FileNotFoundError(
-            f"frost needs the texture photographs {', '.join(str(Path(frost_dir) / f) for f in missing)} "
-            "(hendrycks/robustness, ImageNet-C/create_c/)"
-        )
+def shrink_frost_texture(rgb: np.ndarray) -> np.ndarray:
+    """``cv2.resize(texture, (0, 0), fx=0.2, fy=0.2)`` (bilinear) of an (H, W, 3) uint8 texture: the output is
+    ``round(H / 5) x round(W / 5)`` and, the scale being exactly 5, output pixel k samples input pixel 5k + 2
+    (clamped to the edge) with weight 1."""
+    h, w = rgb.shape[:2]
+    nh, nw = int(np.rint(h * 0.2)), int(np.rint(w * 0.2))
+    rows = np.minimum(np.arange(nh) * 5 + 2, h - 1)
+    cols = np.minimum(np.arange(nw) * 5 + 2, w - 1)
+    return rgb[rows][:, cols]
+
+
+def load_frost_textures(frost_dir: str | os.PathLike | None = None) -> list[np.ndarray]:
+    """The script's frost textures ``frost1.png`` .. ``frost5.jpg`` as RGB uint8 (the pixels of the script's
+    ``cv2.imread``, in RGB order), shrunk by :func:`shrink_frost_texture`. They are read from ``frost_dir``, or
+    found or downloaded by :func:`reprozoo.transforms.frost_textures.resolve_frost_dir` when it is None; each
+    file's bytes are checked against their official sha256 before they are decoded (FileNotFoundError or
+    ValueError naming the file)."""
+    folder = frost_textures.resolve_frost_dir(frost_dir)
     textures = []
-    for name in FROST_FILES[:FROST_USED]:
-        path = Path(frost_dir) / name
+    for name in frost_textures.used_frost_files():
+        data = frost_textures.read_frost_texture(folder, name)
         try:
-            with Image.open(path) as im:
-                rgb = np.asarray(im.convert("RGB"))
+            with Image.open(io.BytesIO(data)) as im:
+                rgb = np.asarray(im.convert("RGB"))  # RGBA PNGs lose their alpha, as with cv2.imread
         except Exception as err:  # PIL raises many types for a bad file
-            raise ValueError(f"cannot read the frost texture {path}: {type(err).__name__}: {err}") from err
-        h, w = rgb.shape[:2]
-        nh, nw = int(np.rint(h * 0.2)), int(np.rint(w * 0.2))
-        rows = np.minimum(np.arange(nh) * 5 + 2, h - 1)
-        cols = np.minimum(np.arange(nw) * 5 + 2, w - 1)
-        small = rgb[rows][:, cols]
+            raise ValueError(f"cannot read the frost texture {folder / name}: {type(err).__name__}: {err}") from err
+        small = shrink_frost_texture(rgb)
         if min(small.shape[:2]) <= IMAGE_SIZE:
-            raise ValueError(f"the frost texture {path} is {w}x{h}; shrunk by 5 it must exceed 32x32")
+            raise ValueError(
+                f"the frost texture {folder / name} is {rgb.shape[1]}x{rgb.shape[0]}; shrunk by 5 it must exceed 32x32"
+            )
         textures.append(small)
     return textures
 
 
-def _frost(x, c, rngs, textures):
+def frost_draws(
+    rngs: Sequence[np.random.Generator], textures: Sequence[np.ndarray], size: int = IMAGE_SIZE
+) -> np.ndarray:
+    """int64 (N, 3): per image, the script's ``idx = randint(5)``, then ``x_start = randint(0, h - size)`` (top row)
+    and ``y_start = randint(0, w - size)`` (left column) of the crop of shrunk texture ``idx`` (h x w), drawn in
+    that order from the image's generator."""
+    out = np.empty((len(rngs), 3), dtype=np.int64)
+    for k, r in enumerate(rngs):
+        idx = int(r.integers(FROST_USED))
+        h, w = textures[idx].shape[:2]
+        out[k] = (idx, int(r.integers(0, h - size)), int(r.integers(0, w - size)))
+    return out
+
+
+def frost_blend(x: np.ndarray, c: tuple[float, float], textures: Sequence[np.ndarray], draws: np.ndarray) -> np.ndarray:
+    """``np.clip(c[0] * x + c[1] * crop, 0, 255)`` (float64) of each image and its crop given by ``draws``
+    (:func:`frost_draws`), before the final ``np.uint8``."""
     out = np.empty(x.shape, dtype=np.float64)
     size = x.shape[1]
-    for k, r in enumerate(rngs):
-        tex = textures[int(r.integers(FROST_USED))]
-        top = int(r.integers(0, tex.shape[0] - size))
-        left = int(r.integers(0, tex.shape[1] - size))
-        crop = tex[top : top + size, left : left + size]
+    for k, (idx, top, left) in enumerate(np.asarray(draws)):
+        crop = textures[idx][top : top + size, left : left + size]
         out[k] = np.clip(c[0] * x[k].astype(np.float64) + c[1] * crop, 0, 255)
     return out
+
+
+def _frost(x, c, rngs, textures):
+    return frost_blend(x, c, textures, frost_draws(rngs, textures, x.shape[1]))
 
 
 def _plasma_fractal(u: np.ndarray, wibbledecay: float, mapsize: int = IMAGE_SIZE) -> np.ndarray:
@@ -511,7 +527,9 @@ def corrupt(
     Image ``k`` uses the generator :func:`image_rng` ``(seed, corruption, severity, indices[k])``; ``indices``
     (default ``0..N-1``) are the images' positions in their data set, so that any subset or order gives the rows
     of the whole. Work goes in chunks of ``chunk_size`` images (memory), with a tqdm bar when ``progress``.
-    ValueError for an unknown or unavailable corruption, a severity outside 1..5 or images of another shape.
+    ``frost`` reads its texture photographs from ``frost_dir``, or, when it is None, finds or downloads them (see
+    :func:`load_frost_textures`). ValueError for an unknown or unavailable corruption, a severity outside 1..5 or
+    images of another shape; FileNotFoundError, saying what to put where, when frost's textures cannot be had.
     """
     check_corruption(corruption, frost_dir)
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:

@@ -1,21 +1,28 @@
-"""The weights registry: one card per pretrained model, slim verified weight files, offline-first loading.
+"""The weights registry: one card per pretrained model, verified weight files, offline-first loading.
 
-A *card* (JSON) describes one entry; a *weights file* (``.pt``) holds only what is needed to rebuild the model:
+A *card* (JSON) describes one entry: the module's class path and hyperparameters, the sha256 of its weights file,
+the metrics we measured, the recipe (config) that made it, its licence and where the file lives. The *weights file*
+is a ``.safetensors`` file: tensors only, so reading it can run no code; its metadata names the format and the
+module class. Every file is checked against the card's sha256 before it is read (the bytes that were hashed are the
+bytes that are parsed), and loaded into the module with ``strict=True``. Files of the first format (``.pt``,
+``torch.save`` payloads read with ``weights_only=True``) that ``zoo export`` wrote before are still read.
 
-    {"format": "reprozoo-weights/1", "module": "<class path>", "hparams": {...}, "state_dict": {...}}
+Where the weights file comes from, by the card's ``url``:
 
-It is read with ``torch.load(weights_only=True)`` and loaded with ``strict=True``, so a file can neither run code
-nor silently drop or invent parameters. Entries that are small enough ship inside the package
-(``reprozoo/zoo/weights/``, budget :data:`PACKAGED_BUDGET_BYTES` in all); the others are downloaded from their URL into
-the cache (``$REPROZOO_CACHE``, default ``~/.cache/reprozoo``), through a temporary file that is verified against
-the card's sha256 before it is renamed into place. ``REPROZOO_OFFLINE=1`` never touches the network.
+* ``null``: it ships inside the package (``reprozoo/zoo/weights/``, :data:`PACKAGED_BUDGET_BYTES` in all), or lies
+  next to the card when the card was read from a path;
+* ``https://...`` (or ``http``/``file``): downloaded once into the cache (``$REPROZOO_CACHE``, default
+  ``~/.cache/reprozoo``) through a temporary file verified before it is renamed into place;
+* ``hf://org/repo[@revision]/path/file``: a file of a Hugging Face Hub model repository, fetched by
+  ``huggingface_hub`` into its own cache (``HF_HUB_CACHE``, ``HF_HOME``), at that branch, tag or commit.
 
-Your own entries: ``python cli.py zoo export CKPT --name method_arch.data`` (:func:`export_checkpoint`) writes
-``method_arch.data.pt`` and its card ``method_arch.data.json`` into one folder. The path of that card then works
-wherever a zoo name does: ``load_model("zoo_exports/method_arch.data.json")``, ``weights=`` of every method
-(``--model.init_args.weights zoo_exports/method_arch.data.json``), ``get_weights`` (``zoo info``). The weights file
-is found next to the card (else, for a card with a ``url``, in the cache or downloaded) and checked against the
-card's sha256. :func:`register_weights` with the card's path makes its name known to this process as well.
+``REPROZOO_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) never touches the network: a file not in its cache is an error that
+says where to put it.
+
+Names: a zoo name (``trm_mlp64.sudoku_gen40``), the path of a card (``zoo_exports/x.y.json``), or a card on the
+Hub (``hf://org/repo[@revision]/x.y.json``: its weights file is fetched from the same repository and commit) work
+wherever an entry is named: :func:`load_model`, ``weights=`` of every method, ``zoo info``. ``zoo export``
+(:mod:`reprozoo.zoo.export`) writes entries; :func:`register_weights` makes a card's name known to this process.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import io
 import json
 import os
 import re
+import struct
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -36,13 +44,21 @@ from typing import Any
 import torch
 
 from reprozoo import _files
-from reprozoo._checks import RECORD_KEY, CheckpointError, check_checkpoint_file, current_class_path, current_hparams
-from reprozoo._files import WeightsError, sha256_file, write_atomic
+from reprozoo._checks import current_class_path, current_hparams
+from reprozoo._files import WeightsError, sha256_file
 
-FORMAT = "reprozoo-weights/1"
+FORMAT = "reprozoo-weights/2"  # a .safetensors file; its metadata: {"format": FORMAT, "module": class path}
+LEGACY_FORMAT = "reprozoo-weights/1"  # a torch.save payload {"format", "module", "hparams", "state_dict"}, read only
+WEIGHTS_SUFFIX = ".safetensors"
 PACKAGE_DIR = Path(__file__).parent / "weights"
 # Everything shipped inside the wheel together must stay under this size; larger entries go behind a URL.
 PACKAGED_BUDGET_BYTES = 12 * 1024 * 1024  # MLP teacher + student for MNIST distillation stored as float16
+
+# hf://org/repo[@revision]/path: Hub repository ids are letters, digits, '-', '_', '.'; a revision is a branch, tag or
+# commit without '/'.
+_HUB_ID = re.compile(r"hf://(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w.-]+))?/(?P<file>[^\s@]+)")
+_URL = re.compile(r"(https?|file)://\S+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +69,10 @@ class WeightsEntry:
     module: str  # class path of the LightningModule
     hparams: dict[str, Any]
     sha256: str  # full hex digest of the weights file
-    file: str  # file name, in the package (url None) or in the cache
-    url: str | None = None  # None: the file ships inside the package
+    file: str  # file name: in the package, next to the card, or in the cache
+    url: str | None = None  # None: in the package or next to the card; else https://..., hf://org/repo[@rev]/file
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # measured by our own recipe
-    recipe: str | None = None  # the config that produced it, relative to the repo root
+    recipe: str | None = None  # the config that produced it (configs/..., shipped in the package)
     license: str = "MIT"
     description: str = ""
     size_bytes: int | None = None
@@ -75,6 +91,14 @@ class WeightsEntry:
         if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
             # A folder part would let a card point at any file on the machine.
             raise WeightsError(f"{source}: bad card ('file' must be a plain file name, got {file!r})")
+        if not isinstance(card["sha256"], str) or not _SHA256.fullmatch(card["sha256"]):
+            raise WeightsError(f"{source}: bad card ('sha256' must be 64 lower-case hex digits)")
+        url = card.get("url")
+        if url is not None and not (isinstance(url, str) and (_URL.fullmatch(url) or _HUB_ID.fullmatch(url))):
+            raise WeightsError(
+                f"{source}: bad card ('url' must be null, an https:// URL or hf://org/repo[@revision]/file, "
+                f"got {url!r})"
+            )
         card = {
             **card,
             "module": current_class_path(card["module"]),
@@ -105,15 +129,15 @@ def read_card(path: str | os.PathLike, *, packaged: bool = False) -> WeightsEntr
 
 
 def is_card_path(spec: str | os.PathLike) -> bool:
-    """Whether ``spec`` names a card file (a path, or a string ending in ``.json``) rather than a zoo name."""
-    return isinstance(spec, os.PathLike) or str(spec).endswith(".json")
+    """Whether ``spec`` names a card file (a path, a string ending in ``.json``, a Hub id) rather than a zoo name."""
+    return isinstance(spec, os.PathLike) or str(spec).endswith(".json") or str(spec).startswith("hf://")
 
 
 def register_weights(entry: WeightsEntry | str | os.PathLike, *, overwrite: bool = False) -> WeightsEntry:
     """Add an entry, given as a :class:`WeightsEntry` or the path of a card (e.g. one ``zoo export`` wrote: its
     weights file is then found next to it); returns the entry."""
     if not isinstance(entry, WeightsEntry):
-        entry = read_card(entry)
+        entry = get_weights(entry) if str(entry).startswith("hf://") else read_card(entry)
     if entry.name in _REGISTRY and not overwrite and _REGISTRY[entry.name] != entry:
         raise WeightsError(f"zoo entry {entry.name!r} is already registered with a different card")
     _REGISTRY[entry.name] = entry
@@ -130,14 +154,16 @@ def list_weights(pattern: str | None = None) -> list[str]:
     return sorted(n for n in _REGISTRY if pattern is None or pattern in n)
 
 
-def get_weights(name: str | os.PathLike) -> WeightsEntry:
-    """The entry called ``name``, or the entry of the card at that path (``zoo_exports/method_arch.data.json``,
-    see :func:`is_card_path`); an unknown name raises with the closest known names."""
-    if str(name).endswith((".pt", ".pth", ".ckpt")):
+def get_weights(name: str | os.PathLike, *, offline: bool | None = None) -> WeightsEntry:
+    """The entry called ``name``, or the entry of the card at that path or Hub id (see :func:`is_card_path`); an
+    unknown name raises with the closest known names."""
+    if str(name).endswith((".pt", ".pth", ".ckpt", WEIGHTS_SUFFIX)):
         raise WeightsError(
             f"{name} is a weights or checkpoint file, not a zoo name: give the card (.json) that `zoo export` wrote "
             "next to the weights file; it holds the sha256 the file is checked against"
         )
+    if str(name).startswith("hf://"):
+        return _hub_card(str(name), offline=_files.offline() if offline is None else offline)
     if is_card_path(name):
         return read_card(name)
     try:
@@ -150,7 +176,7 @@ def get_weights(name: str | os.PathLike) -> WeightsEntry:
         ) from None
 
 
-# ----------------------------------------------------------------------------------------------- files and hashes
+# ----------------------------------------------------------------------------------------------- where files come from
 
 
 def _verify(path: Path, expected: str) -> None:
@@ -177,32 +203,96 @@ def _download(url: str, dest: Path, expected_sha256: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def parse_hub_id(spec: str) -> tuple[str, str | None, str]:
+    """``hf://org/repo[@revision]/path/file`` as ``(repo_id, revision or None, path/file)``."""
+    match = _HUB_ID.fullmatch(spec)
+    if match is None:
+        raise WeightsError(f"{spec!r} is not a Hub id: write hf://org/repo/file or hf://org/repo@revision/file")
+    return match["repo"], match["revision"], match["file"]
+
+
+def _hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it again here so that setting it later counts.
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_file(spec: str, *, offline: bool = False) -> Path:
+    """The local path of a file on the Hugging Face Hub (``hf://org/repo[@revision]/file``), in huggingface_hub's
+    cache (``HF_HUB_CACHE``), fetched first unless it is there or ``offline``. Not verified: callers check it."""
+    repo, revision, filename = parse_hub_id(spec)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = offline or _hub_offline()
+    try:
+        path = hf_hub_download(
+            repo, filename, revision=revision, cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=offline
+        )
+    except LocalEntryNotFoundError as err:
+        fetch = f"hf download {repo} {filename}" + (f" --revision {revision}" if revision else "")
+        why = "offline mode is on (REPROZOO_OFFLINE / HF_HUB_OFFLINE)" if offline else _one_line(err, 200)
+        raise WeightsError(
+            f"{spec} is not in the Hugging Face cache and {why}: run `{fetch}` on a machine with network and copy "
+            "its cache (HF_HUB_CACHE, default ~/.cache/huggingface/hub) here"
+        ) from err
+    except Exception as err:  # network, missing repository, revision or file: all one message to the user
+        raise WeightsError(f"could not fetch {spec} from the Hugging Face Hub: {_one_line(err)}") from err
+    return Path(path)
+
+
+def _hub_card(spec: str, *, offline: bool) -> WeightsEntry:
+    """The entry of a card on the Hub; its weights file comes from the same repository, at the same commit."""
+    if not spec.endswith(".json"):
+        raise WeightsError(
+            f"{spec} names a file that is not a card: name the card (.json) that `zoo export --hub-folder` wrote "
+            "beside the weights; it holds the sha256 they are checked against"
+        )
+    path = hub_file(spec, offline=offline)
+    entry = read_card(path)
+    repo, revision, filename = parse_hub_id(spec)
+    # The snapshot folder is named by the commit the card was read at: pin the weights to it.
+    parts = path.parts
+    if "snapshots" in parts[:-1]:
+        revision = parts[parts.index("snapshots") + 1]
+    folder = filename.rpartition("/")[0]
+    weights = f"{folder}/{entry.file}" if folder else entry.file
+    hub_url = f"hf://{repo}" + (f"@{revision}" if revision else "") + f"/{weights}"
+    return dataclasses.replace(entry, url=hub_url)
+
+
 def weights_path(
     name: str | os.PathLike, *, offline: bool | None = None, cache_dir: str | os.PathLike | None = None
 ) -> Path:
-    """Local path of the verified weights file of ``name`` (a zoo name or a card's path), downloading it first if
-    needed and allowed."""
-    entry = get_weights(name)
+    """Local path of the verified weights file of ``name`` (a zoo name, a card's path or Hub id), downloading it
+    first if needed and allowed."""
     offline = _files.offline() if offline is None else offline
+    entry = get_weights(name, offline=offline)
+    path = _locate(entry, offline=offline, cache_dir=cache_dir)
+    _verify(path, entry.sha256)
+    return path
+
+
+def _locate(entry: WeightsEntry, *, offline: bool, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the weights file of ``entry`` is on this machine (fetched if needed and allowed); not yet verified."""
+    name = entry.name
     if entry.card_path is not None:
         beside = Path(entry.card_path).parent / entry.file
         if beside.is_file():
-            _verify(beside, entry.sha256)
             return beside
         if entry.url is None:
             raise WeightsError(
                 f"card {entry.card_path} names the weights file {entry.file}, which is not next to it ({beside}): "
-                "keep the .pt and .json that `zoo export` wrote in one folder"
+                "keep the weights file and the .json that `zoo export` wrote in one folder"
             )
     elif entry.url is None:
         path = PACKAGE_DIR / entry.file
         if not path.is_file():
             raise WeightsError(f"zoo entry {name!r} ships inside the package but {path} is missing: reinstall reprozoo")
-        _verify(path, entry.sha256)
         return path
+    if entry.url.startswith("hf://"):
+        return hub_file(entry.url, offline=offline)
     path = Path(cache_dir or _files.cache_dir()) / entry.file
     if path.is_file():
-        _verify(path, entry.sha256)
         return path
     if offline:
         raise WeightsError(
@@ -221,7 +311,7 @@ def weights_path(
     return path
 
 
-# ----------------------------------------------------------------------------------------------- reading and writing
+# ----------------------------------------------------------------------------------------------- reading
 
 
 def _import(class_path: str) -> type:
@@ -232,23 +322,54 @@ def _import(class_path: str) -> type:
         raise WeightsError(f"cannot import {class_path!r}: {err}") from err
 
 
-def read_weights_file(path: str | os.PathLike | io.BytesIO, label: str | None = None) -> dict[str, Any]:
-    """Read a weights file (or its bytes, called ``label`` in errors) with ``weights_only=True``; check its layout."""
-    label = label or str(path)
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    # The file starts with the length of its JSON header (8 bytes, little-endian), then the header itself.
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+
+
+def read_weights_bytes(data: bytes, label: str, *, legacy: bool = False) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(module class path, state dict)`` of a weights file's bytes (called ``label`` in errors): a
+    ``.safetensors`` file, or with ``legacy`` a ``.pt`` file of the first format (read with ``weights_only=True``)."""
+    if legacy:
+        try:
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise WeightsError(
+                f"{label} is not a readable weights file (truncated or tampered?): {_one_line(err)}"
+            ) from err
+        if not isinstance(payload, dict) or payload.get("format") != LEGACY_FORMAT or "state_dict" not in payload:
+            raise WeightsError(f"{label} is not a reprozoo weights file (expected format {LEGACY_FORMAT!r})")
+        return current_class_path(str(payload.get("module"))), payload["state_dict"]
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+        meta = _safetensors_metadata(data)
+        state = load(data)
+    except (SafetensorError, ValueError, struct.error, UnicodeDecodeError) as err:
         raise WeightsError(
-            f"{label} is not a readable reprozoo weights file (truncated or tampered?): {_one_line(err)}"
+            f"{label} is not a readable safetensors file (truncated or tampered?): {_one_line(err)}"
         ) from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise WeightsError(f"{label} is not a reprozoo weights file (expected format {FORMAT!r})")
-    for key in ("module", "hparams", "state_dict"):
-        if key not in payload:
-            raise WeightsError(f"{label}: weights file lacks {key!r}")
-    payload["module"] = current_class_path(payload["module"])
-    payload["hparams"] = current_hparams(payload["module"], payload["hparams"])
-    return payload
+    if meta.get("format") != FORMAT or "module" not in meta:
+        raise WeightsError(f"{label} is not a reprozoo weights file (its metadata lacks format {FORMAT!r})")
+    return current_class_path(meta["module"]), state
+
+
+def read_weights(entry: WeightsEntry, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, the weights file of ``entry``: its bytes are checked against the card's sha256,
+    then parsed (the same bytes), and the module class they name must be the card's."""
+    data = path.read_bytes()
+    got = hashlib.sha256(data).hexdigest()
+    if got != entry.sha256:
+        raise WeightsError(
+            f"sha256 mismatch for {path}: expected {entry.sha256}, got {got}. "
+            "The file is corrupt or not the published one; it was not loaded."
+        )
+    module, state = read_weights_bytes(data, str(path), legacy=path.suffix != WEIGHTS_SUFFIX)
+    if module != entry.module:
+        raise WeightsError(f"{path} holds a {module}, but zoo entry {entry.name!r} is a {entry.module}")
+    return state
 
 
 def build_module(class_path: str, hparams: dict[str, Any]) -> torch.nn.Module:
@@ -285,148 +406,27 @@ def load_state(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], sou
 
 
 def load_model(name: str | os.PathLike, *, offline: bool | None = None, cache_dir: str | os.PathLike | None = None):
-    """The pretrained model ``name`` (a zoo name, or the path of a card ``zoo export`` wrote) as its
-    LightningModule, weights loaded strictly, in eval mode."""
-    entry = get_weights(name)
-    path = weights_path(name, offline=offline, cache_dir=cache_dir)
-    payload = read_weights_file(path)
-    if payload["module"] != entry.module:
-        raise WeightsError(f"{path} holds a {payload['module']}, but zoo entry {name!r} is a {entry.module}")
-    model = build_module(payload["module"], payload["hparams"])
-    load_state(model, payload["state_dict"], f"zoo entry {name!r} ({path})")
+    """The pretrained model ``name`` (a zoo name, the path of a card ``zoo export`` wrote, or a card on the Hub,
+    ``hf://org/repo[@revision]/x.y.json``) as its LightningModule, weights verified and loaded strictly, in eval
+    mode."""
+    offline = _files.offline() if offline is None else offline
+    entry = get_weights(name, offline=offline)
+    path = _locate(entry, offline=offline, cache_dir=cache_dir)
+    state = read_weights(entry, path)
+    model = build_module(entry.module, entry.hparams)
+    load_state(model, state, f"zoo entry {entry.name!r} ({path})")
     return model.eval()
 
 
 def load_pretrained_into(module: torch.nn.Module, name: str | os.PathLike) -> None:
-    """Initialise ``module`` from zoo entry ``name`` or a card's path (``weights=NAME`` in every method's
+    """Initialise ``module`` from zoo entry ``name``, a card's path or Hub id (``weights=NAME`` in every method's
     constructor)."""
     entry = get_weights(name)
     class_path = f"{type(module).__module__}.{type(module).__qualname__}"
     if entry.module != class_path:
         raise WeightsError(f"zoo entry {name!r} holds a {entry.module}, not a {class_path}")
-    payload = read_weights_file(weights_path(name))
-    load_state(module, payload["state_dict"], f"zoo entry {name!r}")
-
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)+")
-
-
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise WeightsError(
-            f"zoo name {name!r} must look like 'method_arch.data' (letters, digits, '_', '-', parts joined by '.')"
-        )
-    if name.rsplit(".", 1)[1].lower() in {"json", "pt", "pth", "ckpt"}:
-        raise WeightsError(f"zoo name {name!r} ends like a file name; use 'method_arch.data'")
-
-
-def export_checkpoint(
-    ckpt_path: str | os.PathLike,
-    name: str,
-    out_dir: str | os.PathLike,
-    *,
-    module: str | None = None,
-    url: str | None = None,
-    metrics: dict[str, float] | None = None,
-    recipe: str | None = None,
-    license: str = "MIT",
-    description: str = "",
-    dtype: torch.dtype | None = None,
-) -> tuple[Path, Path]:
-    """Turn a Lightning checkpoint into a slim weights file plus its card; returns both paths
-    (``out_dir/<name>.pt``, ``out_dir/<name>.json``). Load the result with ``load_model(<card path>)``.
-
-    The module's class is read from the checkpoint (LightningCLI records it) or given as ``module``. The model is
-    rebuilt from the checkpoint's hyperparameters (passed through the class's ``zoo_hparams`` when it has one, e.g.
-    to drop a distillation teacher) and loaded strictly; the file's bytes are then read back with
-    ``weights_only=True`` and loaded into a fresh model as :func:`load_model` will, all before anything is written.
-    Both files are written atomically (temporary file + rename); any failure is a one-line :class:`WeightsError`
-    and leaves no file behind. ``dtype`` (e.g. ``torch.float16``) stores the floating-point tensors in that
-    precision, halving the file; loading copies them back into the module's own dtype, so report metrics measured
-    with the exported file.
-    """
-    _check_name(name)
-    try:
-        check_checkpoint_file(ckpt_path)
-    except (CheckpointError, FileNotFoundError) as err:
-        raise WeightsError(_one_line(err)) from err
-    # A Lightning checkpoint also holds optimizer and loop state of arbitrary types; it is the user's own file.
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as err:  # whatever unpickling raises: the file is not a checkpoint we can read
-        raise WeightsError(f"cannot read checkpoint {ckpt_path}: {_one_line(err)}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise WeightsError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    class_path = module or hparams.get("_class_path")
-    if not class_path:
-        raise WeightsError(f"{ckpt_path} does not record its module class: pass module='package.Class'")
-    class_path = current_class_path(class_path)
-    hparams = {k: v for k, v in current_hparams(class_path, hparams).items() if not k.startswith("_")}
-    hparams["weights"] = None
-    adjust = getattr(_import(class_path), "zoo_hparams", None)
-    if callable(adjust):
-        hparams = adjust(hparams)
-    model = _rebuild(class_path, hparams, ckpt_path)
-    load_state(model, ckpt["state_dict"], str(ckpt_path), zoo=False)
-    # What a zoo file holds: the module's choice (zoo_state_dict, e.g. EMA weights only) or its whole state.
-    state = model.zoo_state_dict() if hasattr(model, "zoo_state_dict") else model.state_dict()
-    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-    # Everything is serialised and checked in memory first: a failure below writes nothing.
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "module": class_path, "hparams": hparams, "state_dict": state}, buffer)
-    weights_bytes = buffer.getvalue()
-    out_dir = Path(out_dir)
-    weights_file, card_file = out_dir / f"{name}.pt", out_dir / f"{name}.json"
-    # The export must load as load_model will load it: weights_only=True, a fresh model, its zoo loading path.
-    payload = read_weights_file(io.BytesIO(weights_bytes), label=f"the export of {ckpt_path}")
-    load_state(_rebuild(class_path, payload["hparams"], ckpt_path), payload["state_dict"], f"the export of {ckpt_path}")
-    entry = WeightsEntry(
-        name=name,
-        module=class_path,
-        hparams=hparams,
-        sha256=hashlib.sha256(weights_bytes).hexdigest(),
-        file=weights_file.name,
-        url=url,
-        metrics=dict(metrics or {}),
-        recipe=recipe,
-        license=license,
-        description=description,
-        size_bytes=len(weights_bytes),
-    )
-    try:
-        card_bytes = (json.dumps(entry.to_card(), indent=2, sort_keys=True) + "\n").encode("utf-8")
-    except (TypeError, ValueError) as err:
-        raise WeightsError(
-            f"the card of {name!r} is not JSON (a hyperparameter or metric is no plain value?): {_one_line(err)}"
-        ) from err
-
-    if out_dir.exists() and not out_dir.is_dir():
-        raise WeightsError(f"cannot export into {out_dir}: it is a file, not a folder")
-    try:
-        write_atomic(weights_file, weights_bytes)
-        try:
-            write_atomic(card_file, card_bytes)
-        except BaseException:
-            weights_file.unlink(missing_ok=True)  # no weights file without its card
-            raise
-    except OSError as err:
-        raise WeightsError(f"cannot write the export to {out_dir}: {_one_line(err)}") from err
-    return weights_file, card_file
-
-
-def _rebuild(class_path: str, hparams: dict[str, Any], ckpt_path: str | os.PathLike) -> torch.nn.Module:
-    try:
-        return build_module(class_path, hparams)
-    except WeightsError:
-        raise
-    except Exception as err:  # the module's own argument checks: ValueError, TypeError, ...
-        raise WeightsError(
-            f"cannot rebuild {class_path} from the hyperparameters of {ckpt_path}: {_one_line(err)}"
-        ) from err
+    path = _locate(entry, offline=_files.offline())
+    load_state(module, read_weights(entry, path), f"zoo entry {name!r}")
 
 
 def _one_line(err: BaseException | str, limit: int = 500) -> str:
@@ -436,33 +436,3 @@ def _one_line(err: BaseException | str, limit: int = 500) -> str:
 
 
 _load_packaged_cards()
-
-
-def upgrade_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Convert, once, a Lightning checkpoint written before the layout of issue 15 (classes under
-    ``reprozoo.zoo``, a TRMModule's or EngressionRegressor's network arguments flat in its hyperparameters) into
-    today's: ``load_from_checkpoint``, ``--ckpt_path`` and ``zoo export`` then read it as any other. Weights, optimizer
-    and loop states are kept as they are. Written atomically to ``out`` (default: over ``ckpt_path``); returns it.
-    A checkpoint that is already current is written unchanged."""
-    try:
-        check_checkpoint_file(ckpt_path)
-    except (CheckpointError, FileNotFoundError) as err:
-        raise WeightsError(_one_line(err)) from err
-    try:  # the user's own file, as for export: it holds optimizer and loop state of arbitrary types
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as err:  # whatever unpickling raises: the file is not a checkpoint we can read
-        raise WeightsError(f"cannot read checkpoint {ckpt_path}: {_one_line(err)}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise WeightsError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    writer = ckpt.get(RECORD_KEY) or hparams.get("_class_path")
-    if not isinstance(writer, str):
-        raise WeightsError(f"{ckpt_path} does not record its module class, so there is nothing to convert")
-    ckpt["hyper_parameters"] = current_hparams(writer, hparams)
-    if RECORD_KEY in ckpt:
-        ckpt[RECORD_KEY] = current_class_path(writer)
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    out = Path(out if out is not None else ckpt_path)
-    write_atomic(out, buffer.getvalue())
-    return out
