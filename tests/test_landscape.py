@@ -263,6 +263,14 @@ def test_fallback_is_logged_and_matches_vmap_of_an_equivalent_module(tmp_path, c
     assert auto.used_mode in ("vmap", "loop") and set(auto.timings) == {"vmap_ms_per_point", "loop_ms_per_point"}
     assert auto.used_mode == min(("vmap", "loop"), key=lambda m: auto.timings[f"{m}_ms_per_point"])
     np.testing.assert_allclose(chosen["loss"], batched["loss"], rtol=1e-5)
+    # Decided once: a later compute neither times again nor switches (surfaces of two epochs agree to the bit where
+    # the weights do, whatever the machine's load does to the timings).
+    timings, other = auto.timings, {"vmap": "loop", "loop": "vmap"}[auto.used_mode]
+    auto.used_mode = other
+    again = auto.compute(trainer, plain, dataloader=loader)
+    assert auto.used_mode == other and auto.timings is timings
+    reference = LossLandscape(resolution=5, num_batches=2, chunk_size=7, mode=other, progress=False)
+    np.testing.assert_array_equal(again["loss"], reference.compute(trainer, plain, dataloader=loader)["loss"])
     with pytest.raises(RuntimeError):  # mode="vmap" does not fall back
         LossLandscape(resolution=3, mode="vmap", progress=False).compute(trainer, metric_net, dataloader=loader)
 

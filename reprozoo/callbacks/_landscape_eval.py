@@ -337,6 +337,10 @@ def choose_mode(callback, run_vmap, run_loop, chunk, batch, metrics: MetricState
     batched (vmap turns it into a grouped convolution), so there the loop can win."""
     if callback.mode != "auto":
         return callback.mode
+    if callback.used_mode is not None:
+        # Decided once: later surfaces (other epochs, compute() on demand) are evaluated the same way, so they agree
+        # to the bit where the weights do (the two modes sum in different orders), and the probe is not paid again.
+        return callback.used_mode
     callback.timings = None
     chunk = chunk[:8]  # a probe: enough points to see vmap's per-point cost, little work wasted on a small grid
     try:

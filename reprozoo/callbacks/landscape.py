@@ -86,7 +86,8 @@ class LossLandscape(L.Callback):
     **Evaluation.** ``mode="vmap"`` evaluates chunks of ``chunk_size`` grid points per forward; ``"loop"`` one
     point at a time (still reading each batch once). ``"auto"`` (default) falls back to the loop, with a warning
     saying why, when the module cannot be vmapped (data-dependent control flow, ``.item()`` calls, ...), and
-    otherwise times both on the first chunk and keeps the faster (:attr:`timings`, logged): batching pays on
+    otherwise times both on the first chunk of its first compute and keeps the faster for every later compute
+    (:attr:`timings`, logged; later surfaces are evaluated alike, bit for bit comparable): batching pays on
     accelerators and for small, overhead-bound models, while on a CPU a compute-bound convolution runs slower
     batched (see ``benchmarks/landscape_speed.py``). Under DDP the grid points are split across ranks and
     gathered; every rank returns the full surface, rank zero writes the files.

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from reprozoo._checks import RECORD_KEY, CheckpointError, check_checkpoint_file, current_class_path, current_hparams
-from reprozoo._files import WeightsError, write_atomic
+from reprozoo._files import WeightsError, offline, write_atomic
 from reprozoo.zoo.registry import (
     FORMAT,
     WEIGHTS_SUFFIX,
@@ -145,7 +145,7 @@ def export_entry(
     unknown = set(card_fields) - {"url", "metrics", "recipe", "license", "description"}
     if unknown:
         raise TypeError(f"export_entry() got unexpected card fields {sorted(unknown)}")
-    path = _locate(entry, offline=False)
+    path = _locate(entry, offline=offline())
     state = read_weights(entry, path)  # checks the sha256 before anything is parsed
     data = path.read_bytes()
     if path.suffix != WEIGHTS_SUFFIX:
