@@ -2,16 +2,19 @@
 dropout, an L1 and an L2 penalty, from the six configs in ``configs/regularization/``, run through the CLI in this
 process; each run logs its weight norms (FrobeniusNormMonitor) and draws its loss landscape (LossLandscape).
 
-Compared: validation loss per epoch, final validation accuracy, total weight norm, and the landscape's sharpness:
-the mean rise of the training loss over the grid points at distance ``--radius`` (in units of the filter-normalised
-directions) from the final weights, above the loss at the weights themselves.
+Compared: validation loss per epoch, the Frobenius norm of the parameters per epoch, final validation accuracy, and
+the landscape's sharpness: the mean rise of the training loss over the grid points at distance ``--radius`` (in units
+of the filter-normalised directions) from the final weights, above the loss at the weights themselves. Then the seed's
+pictures of the final weights: a spy plot of the first layer's weight matrix (the entries with ``|w| >
+--spy-precision``), the histogram of all weights, and the 3-D loss surface of each variant.
 
 Data: Fashion-MNIST's images are not on this project's machines, so by default the study runs on the real MNIST
 test images of ``$REPROZOO_DATA/mnist`` (``--train`` for training, of which ``--val`` held out, ``--test`` for
 testing); ``--dataset fashion_mnist`` runs it on Fashion-MNIST (``$REPROZOO_DATA/fashion_mnist``, or
 ``--data-dir DIR``; flat or torchvision's layout). The script stops when the idx files are not there.
 
-    python benchmarks/regularization.py              # writes benchmarks/results/regularization.{png,md}
+    python benchmarks/regularization.py     # benchmarks/results/regularization.{png,md}, regularization_weights.png,
+                                            # regularization_landscape.png
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ def run(variant: str, args: argparse.Namespace, work: Path) -> dict:
     landscape_cb = next(c for c in trainer.callbacks if isinstance(c, LossLandscape))
     monitor = next(c for c in trainer.callbacks if isinstance(c, FrobeniusNormMonitor))
     landscape = load_landscape(landscape_cb.history[-1]["file"])
+    net = cli.model.net
+    weights = [p.detach().cpu().numpy() for p in net.parameters() if p.dim() > 1]
     test = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     log_dir = trainer.logger.log_dir
     return {
@@ -95,6 +100,9 @@ def run(variant: str, args: argparse.Namespace, work: Path) -> dict:
         "val_acc": _scalars(log_dir, "val/acc")[-1],
         "test_acc": test["test/acc"],
         "norm": monitor.history[-1]["norms"]["total"],
+        "norms": [monitor.initial["norms"]["total"]] + [e["norms"]["total"] for e in monitor.history],
+        "first_layer": weights[0],  # (392, 784)
+        "weights": np.concatenate([w.ravel() for w in weights]),
         "landscape": landscape,
         "sharpness": sharpness(landscape, args.radius, 2 * (landscape["x"][1] - landscape["x"][0])),
         "seconds": seconds,
@@ -105,9 +113,9 @@ def figure(results: dict[str, dict], radius: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(16, 8), layout="constrained")
+    fig = Figure(figsize=(14, 12), layout="constrained")
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2, 5)
+    grid = fig.add_gridspec(3, 4)
     curves = fig.add_subplot(grid[0, :2])
     for name, r in results.items():
         curves.plot(range(1, len(r["val_loss"]) + 1), r["val_loss"], label=name)
@@ -115,14 +123,21 @@ def figure(results: dict[str, dict], radius: float):
     curves.set_ylabel("validation loss")
     curves.set_title("Validation loss")
     curves.legend(fontsize=8)
-    bars = fig.add_subplot(grid[1, :2])
+    norms = fig.add_subplot(grid[1, :2])
+    for name, r in results.items():
+        norms.plot(range(len(r["norms"])), r["norms"], label=name)
+    norms.set_xlabel("epoch (0: before training)")
+    norms.set_ylabel("Frobenius norm of all parameters")
+    norms.set_title("Size of the model")
+    norms.legend(fontsize=8)
+    bars = fig.add_subplot(grid[2, :2])
     names = list(results)
     bars.bar(names, [results[n]["sharpness"] for n in names], color="tab:purple")
     bars.set_ylabel(f"mean loss rise at radius {radius}")
     bars.set_title("Landscape sharpness around the final weights (lower = flatter)")
     vmax = max(float(np.percentile(r["landscape"]["loss"], 95)) for r in results.values())
     for i, (name, r) in enumerate(results.items()):
-        ax = fig.add_subplot(grid[i // 3, 2 + i % 3])
+        ax = fig.add_subplot(grid[i // 2, 2 + i % 2])
         land = r["landscape"]
         X, Y = np.meshgrid(land["x"], land["y"])
         cs = ax.contourf(X, Y, np.minimum(land["loss"], vmax), levels=20, cmap="viridis")
@@ -130,7 +145,46 @@ def figure(results: dict[str, dict], radius: float):
         ax.set_title(f"{name}: test acc {r['test_acc']:.3f}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(cs, ax=fig.axes[-3:], shrink=0.6, label="training loss (clipped)")
+    fig.colorbar(cs, ax=fig.axes[-6:], shrink=0.6, label="training loss (clipped)")
+    return fig
+
+
+def weights_figure(results: dict[str, dict], precision: float):
+    """The seed's pictures of the trained weights: per variant, a spy plot of the first layer's (392, 784) weight
+    matrix (black: ``|w| > precision``) above the histogram of all its weights."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * len(results), 6.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(results), height_ratios=[1, 0.8])
+    edges = np.linspace(-0.3, 0.3, 121)
+    for (spy, hist), (name, r) in zip(axes.T, results.items()):
+        w = r["first_layer"]
+        spy.spy(w, precision=precision, aspect="auto")
+        spy.set_title(f"{name}: {np.mean(np.abs(w) > precision):.0%} of layer 1 > {precision:g}", fontsize=9)
+        spy.tick_params(labelsize=7)
+        hist.hist(np.clip(r["weights"], edges[0], edges[-1]), bins=edges, color="tab:blue")
+        hist.set_yscale("log")
+        hist.set_xlabel("weight (clipped to +-0.3)", fontsize=8)
+        hist.set_title(f"all weights, std {r['weights'].std():.3f}", fontsize=9)
+        hist.tick_params(labelsize=7)
+    return fig
+
+
+def landscape_figure(results: dict[str, dict]):
+    """The loss surface around each variant's final weights, in 3-D (the filter-normalised random plane)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (name, r) in enumerate(results.items()):
+        ax = fig.add_subplot(2, 3, i + 1, projection="3d")
+        land = r["landscape"]
+        xx, yy = np.meshgrid(land["x"], land["y"])
+        ax.plot_surface(xx, yy, land["loss"], cmap="viridis", linewidth=0, antialiased=True)
+        ax.set_title(f"{name}: training loss", fontsize=10)
     return fig
 
 
@@ -143,6 +197,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--radius", type=float, default=0.5)
+    parser.add_argument("--spy-precision", type=float, default=0.01, help="spy plots mark |w| above this")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.data_dir = args.data_dir or data_root() / args.dataset
@@ -156,6 +211,8 @@ def main() -> None:
         results = {v: run(v, args, Path(tmp)) for v in VARIANTS}
     args.out.mkdir(parents=True, exist_ok=True)
     save_figure(figure(results, args.radius), args.out / "regularization.png", dpi=100)
+    save_figure(weights_figure(results, args.spy_precision), args.out / "regularization_weights.png", dpi=90)
+    save_figure(landscape_figure(results), args.out / "regularization_landscape.png", dpi=90)
     data = (
         f"{args.train - args.val} training / {args.val} validation / {args.test} test images from the real MNIST "
         "test set"
@@ -165,9 +222,11 @@ def main() -> None:
     lines = [
         "# Regularisation study: 784-392-196-10 MLP",
         "",
-        f"`python benchmarks/regularization.py` ({time.strftime('%Y-%m-%d')}): {data}; {args.epochs} epochs, SGD "
-        f"0.05 momentum 0.9, batch 128. Sharpness: mean training-loss rise at radius {args.radius} of the "
-        "filter-normalised random plane (21 x 21 grid on [-1, 1]^2, 4 training batches). Figure: `regularization.png`.",
+        f"`python benchmarks/regularization.py` ({time.strftime('%Y-%m-%d')}): {data}; {args.epochs} epochs, Adam "
+        "3e-4, batch 128; L1 and L2 1e-3 over every parameter. Sharpness: mean training-loss rise at radius "
+        f"{args.radius} of the filter-normalised random plane (21 x 21 grid on [-1, 1]^2, 4 training batches). "
+        f"Figures: `regularization.png`, `regularization_weights.png` (spy plots: |w| > {args.spy_precision:g}), "
+        "`regularization_landscape.png`.",
         "",
         "| variant | min val loss | final val loss | val acc | test acc | total weight norm | sharpness | s |",
         "|---|---|---|---|---|---|---|---|",

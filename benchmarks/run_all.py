@@ -38,8 +38,12 @@ REQUIRE_DATA = os.environ.get("REPROZOO_REQUIRE_DATA", "").strip().lower() in {"
 # name -> (what it measures, arguments at a CPU-sized setting; "{out}" is the benchmark's output folder)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "engression_fig4": (
-        "Engression vs L1 regression outside the training support (paper's Figure 4)",
+        "Engression vs L1 / L2 regression (same network, no noise) outside the training support (paper's Figure 4)",
         ["--functions", "softplus", "cubic", "--seeds", "1", "--epochs", "50", "--out", "{out}"],
+    ),
+    "engression_study": (
+        "Engression: samples per x in the energy score (m) and the noise position (pre/post-additive)",
+        ["--m", "2", "8", "--epochs", "30", "--out", "{out}"],
     ),
     "trm_throughput": ("TRM training throughput and model FLOPs utilisation", ["--steps", "5"]),
     "trm_vs_official": ("TRM vs the official code: weights after 32 carry steps, time per step", ["--steps", "32"]),
@@ -54,7 +58,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     ),
     "memorization": (
         "Memorization: BigAnimalNet on real, partly and fully random AFHQ labels",
-        ["--max-epochs", "60", "--out", "{out}"],
+        ["--max-epochs", "100", "--out", "{out}"],
     ),
     "distillation": (
         "Distillation on MNIST, with the mythical-3 experiment",

@@ -116,6 +116,7 @@ def current_hparams(class_path: str, hparams: dict) -> dict:
         init_args = {key: hparams.pop(key) for key in _ENGRESSION_NET_ARGS if key in hparams}
         if hparams.get("loss", "energy") != "energy":
             init_args["noise_dim"] = 0
+        init_args.setdefault("noise_every_layer", False)  # the default until issue 18 (now the official True)
         hparams["generator"] = {"class_path": "reprozoo.nets.StochasticMLP", "init_args": init_args}
     return hparams
 

@@ -65,9 +65,14 @@ def test_distillation_benchmark_runs_its_configs(tmp_path):
     assert [row.split("|")[1].strip() for row in rows[1:]] == [
         "teacher",
         "small",
-        "distilled T=4",
         "distilled T=20",
+        "distilled T=4",
         "small, no 3s",
+        "distilled T=20, no 3s",
+        "distilled T=20, no 3s, tuned bias",
+        "distilled T=20, no 3s, paper's +3.5",
         "distilled T=4, no 3s",
-        "distilled T=4, no 3s, bias",
+        "distilled T=4, no 3s, tuned bias",
+        "distilled T=20, 7s and 8s only",
+        "distilled T=20, 7s and 8s only, tuned bias",
     ]

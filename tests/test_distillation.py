@@ -1,5 +1,7 @@
 """DistillationModule and distillation_loss: the loss against an independent computation, the frozen teacher kept out
-of everything the student owns, the teacher-logit cache, and runs on the real MNIST test images."""
+of everything the student owns, the teacher-logit cache, runs on the real MNIST test images, and the transfer set of
+the paper's section 3 experiments: a left-out class absent from everything the student's run sees, the 7s-and-8s
+transfer set, and the logit bias tuned on held-out data, never the test split."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reprozoo.datamodules import FashionMNISTDataModule
-from reprozoo.methods.distillation import DistillationModule, distillation_loss, load_teacher
+from reprozoo.datamodules.fashion_mnist import TransferSetMNISTDataModule
+from reprozoo.methods.distillation import DistillationModule, distillation_loss, load_teacher, tune_logit_bias
 from reprozoo.nets import MLP
 from reprozoo.zoo.registry import WeightsError
 from tests.conftest import real_data
@@ -292,3 +295,163 @@ def test_a_small_cnn_student_learns_from_an_mlp_teacher(tmp_path):
     trainer.fit(model, datamodule=dm)
     after = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
     assert after < before
+
+
+# ------------------------------------------------------------------------------ the transfer set and the tuned bias
+
+
+def _transfer(**kwargs) -> TransferSetMNISTDataModule:
+    defaults = dict(
+        data_dir=str(real_data("mnist")),
+        train_source="test",
+        num_train=600,
+        num_test=200,
+        val_size=100,
+        flatten=True,
+        batch_size=100,
+    )
+    return TransferSetMNISTDataModule(**(defaults | kwargs))
+
+
+class SeenLabels(L.Callback):
+    """Every label of every batch the module trains on and validates (selects its checkpoint) on."""
+
+    def __init__(self):
+        self.train: list[int] = []
+        self.val: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.train += batch[1].tolist()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val += batch[1].tolist()
+
+
+@pytest.mark.parametrize(
+    "data_kwargs, allowed",
+    [({"exclude_classes": [3]}, set(range(10)) - {3}), ({"transfer_classes": [7, 8]}, {7, 8})],
+    ids=["mythical-3", "7s-and-8s"],
+)
+def test_a_left_out_class_never_reaches_training_or_selection(tmp_path, data_kwargs, allowed):
+    torch.manual_seed(0)
+    dm = _transfer(return_index=True, **data_kwargs)
+    seen = SeenLabels()
+    model = DistillationModule(_student(), Teacher().eval(), cache_teacher=True, lr=0.05)
+    _trainer(tmp_path, max_epochs=2, callbacks=[seen], enable_checkpointing=True).fit(model, datamodule=dm)
+    assert set(seen.train) == allowed and set(seen.val) == allowed  # every allowed class seen, no other
+    assert len(seen.train) == 2 * len(dm.splits["train"]) and len(seen.val) >= len(dm.splits["val"])
+    # The held-out tune split keeps every class (for the bias), and none of it is a test or training image.
+    assert set(dm.splits["tune"].labels.tolist()) == set(range(10))
+    tune = set(dm.splits["tune"].source_index.tolist())
+    assert set(dm.splits["val"].source_index.tolist()) <= tune
+    assert not tune & set(dm.splits["test"].source_index.tolist())
+    assert not tune & set(dm.splits["train"].source_index.tolist())
+    assert set(dm.splits["test"].labels.tolist()) == set(range(10))
+
+
+def test_the_7s_and_8s_transfer_set_holds_only_7s_and_8s():
+    dm = _transfer(transfer_classes=[7, 8], return_index=True)
+    dm.setup("fit")
+    labels = [y for _, y, _ in dm.splits["train"]]
+    assert set(labels) == {7, 8} and set(dm.splits["val"].labels.tolist()) == {7, 8}
+    # Exactly the 7s and 8s the same seed puts in the full training split: filtered, not re-drawn.
+    full = _transfer()
+    full.setup("fit")
+    sevens_eights = full.splits["train"].labels.ge(7) & full.splits["train"].labels.le(8)
+    assert dm.splits["train"].source_index.tolist() == full.splits["train"].source_index[sevens_eights].tolist()
+    assert [i for _, _, i in dm.splits["train"]] == list(range(len(labels)))  # indices for the teacher cache
+    # Without exclusions the splits are FashionMNISTDataModule's (the teacher's and the zoo recipes' data).
+    parent = _mnist(num_train=600, num_test=200, val_size=100)
+    parent.setup("fit")
+    for name in ("train", "val", "test"):
+        assert torch.equal(parent.splits[name].source_index, full.splits[name].source_index)
+    kept = _transfer(exclude_classes=[3], exclude_from_val=False)
+    kept.setup("fit")
+    assert 3 in kept.splits["val"].labels.tolist() and 3 not in kept.splits["train"].labels.tolist()
+
+
+class NoTestSplit(TransferSetMNISTDataModule):
+    """A datamodule whose test split raises on any read: what tunes the bias must not touch it."""
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        self.splits["test"] = _Raises()
+
+    def test_dataloader(self):
+        raise AssertionError("the test split was read")
+
+
+class _Raises(torch.utils.data.Dataset):
+    def __len__(self):
+        raise AssertionError("the test split was read")
+
+    def __getitem__(self, index):
+        raise AssertionError("the test split was read")
+
+
+class _LowThree(nn.Module):
+    """Logits that know the digit but hold the 3's logit too low by ``shift`` (a student that never saw a 3); each
+    image's logits are fixed in advance (``rows``), whatever the batch it comes in."""
+
+    def __init__(self, rows: dict[bytes, torch.Tensor], shift: float):
+        super().__init__()
+        self.num_classes = 10
+        self.rows, self.shift = rows, shift
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        z = torch.stack([self.rows[row.numpy().tobytes()] for row in x])  # (B, 10)
+        z[:, 3] -= self.shift
+        return z
+
+
+def test_the_bias_is_tuned_on_held_out_data_and_never_reads_the_test_split():
+    dm = NoTestSplit(**(dict(_transfer().hparams) | {"exclude_classes": [3]}))
+    dm.setup("fit")
+    tune = dm.splits["tune"]
+    g = torch.Generator().manual_seed(0)
+    rows = {}
+    for i in range(len(tune)):
+        z = torch.randn(10, generator=g)
+        z[int(tune.labels[i])] += 2.5
+        rows[tune[i][0].numpy().tobytes()] = z
+    model = DistillationModule(_LowThree(rows, shift=6.0), None)
+    got = tune_logit_bias(model, dm, [3])
+    assert model.logit_bias[3].item() == pytest.approx(got["amount"])  # applied
+    assert model.logit_bias[[0, 1, 2, 4, 5, 6, 7, 8, 9]].abs().max() == 0
+    # Independently: the accuracy of the module's own evaluation path (eval_logits) at each amount, on the tune split.
+    x = torch.stack([tune[i][0] for i in range(len(tune))])
+    accuracy = {}
+    for amount in torch.arange(-150, 151).tolist():
+        model.logit_bias[3] = amount / 10
+        with torch.no_grad():
+            accuracy[amount / 10] = (model.eval_logits(x).argmax(-1) == tune.labels).double().mean().item()
+    best = max(accuracy.values())
+    assert got["accuracy"] == pytest.approx(best) and accuracy[got["amount"]] == pytest.approx(best)
+    assert got["amount"] == min((a for a, v in accuracy.items() if v == best), key=abs)
+    assert got["accuracy_without"] == pytest.approx(accuracy[0.0]) and got["accuracy"] > got["accuracy_without"]
+    assert 3.0 < got["amount"] < 9.0  # it undoes most of the 6.0 the 3's logit was held down by
+    with pytest.raises(AssertionError, match="test split was read"):
+        dm.test_dataloader()  # the guard is live: tune_logit_bias would have failed had it read the test split
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"transfer_classes": "78"}, "transfer_classes"),
+        ({"transfer_classes": [7, 10]}, "transfer_classes"),
+        ({"transfer_classes": [3], "exclude_classes": [3]}, "leaves no class"),
+        ({"exclude_from_val": "yes"}, "exclude_from_val"),
+    ],
+)
+def test_bad_transfer_set_arguments(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TransferSetMNISTDataModule(**kwargs)
+
+
+def test_bad_tune_arguments():
+    model = DistillationModule(_student(), None)
+    with pytest.raises(ValueError, match="tune_logit_bias: classes"):
+        tune_logit_bias(model, None, [10])
+    with pytest.raises(ValueError, match="tune_logit_bias: classes"):
+        tune_logit_bias(model, None, [])

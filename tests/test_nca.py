@@ -87,6 +87,10 @@ def test_pca_and_lda_directions():
     assert abs(lda[0, 4].item()) > 0.95
 
 
+# configs/nca/rings.yaml's model (the zoo entry nca_linear.rings): the old defaults, before the post's recipe
+RINGS_RECIPE = dict(in_dim=3, out_dim=2, init="pca", standardize=True, margin=0.0, optimizer="adam", lr=0.2)
+
+
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
     return tiny_trainer(tmp_path, **({"max_epochs": 15, "enable_checkpointing": False} | kwargs))
 
@@ -94,8 +98,8 @@ def _trainer(tmp_path, **kwargs) -> L.Trainer:
 def test_rings_nca_recovers_the_rings_pca_does_not(tmp_path):
     torch.manual_seed(0)
     dm = ConcentricRingsDataModule(n_train_per_class=60, n_val_per_class=40, n_test_per_class=40, batch_size=100)
-    model = NCAModule(in_dim=3, out_dim=2, init="pca", lr=0.2, k=(1,))
-    trainer = _trainer(tmp_path, max_epochs=40)
+    model = NCAModule(**RINGS_RECIPE, k=(1,))
+    trainer = _trainer(tmp_path, max_epochs=40, check_val_every_n_epoch=20)
     before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/knn1_acc"]
     trainer.fit(model, datamodule=dm)
     result = trainer.test(model, datamodule=dm, verbose=False)[0]
@@ -105,12 +109,13 @@ def test_rings_nca_recovers_the_rings_pca_does_not(tmp_path):
     assert result["test/reference_bytes"] < result["test/reference_bytes_raw"]
     A = model.A.detach()
     assert (A[:, 2].abs() / A.norm(dim=0)[:2].mean()).max() < 0.2  # the noise coordinate projected out
-    assert (tmp_path / "nca" / f"embedding_epoch{model.current_epoch}.png").exists()
+    # one figure per validation epoch of fit (epochs 19 and 39), none for the validate/test runs
+    assert sorted(p.name for p in (tmp_path / "nca").iterdir()) == ["embedding_epoch19.png", "embedding_epoch39.png"]
 
 
 def test_standardisation_is_in_the_checkpoint_and_errors(tmp_path):
     dm = ConcentricRingsDataModule(n_train_per_class=20, n_val_per_class=10, n_test_per_class=10)
-    model = NCAModule(in_dim=3, out_dim=2, init="lda", k=(1, 3))
+    model = NCAModule(in_dim=3, out_dim=2, init="lda", standardize=True, k=(1, 3))
     trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=True)
     trainer.fit(model, datamodule=dm)
     assert model.std[2] > 5 and bool(model.initialised)
@@ -128,14 +133,53 @@ def test_standardisation_is_in_the_checkpoint_and_errors(tmp_path):
             NCAModule(in_dim=3, **{"out_dim": 2, **kwargs})
 
 
-def test_margin_term_keeps_classes_apart():
+def test_margin_term_is_the_posts_hinge_rescaled_to_the_batch_mean():
     from reprozoo.methods.nca import _margin_term
 
     e = torch.zeros(4, 2, requires_grad=True)
     y = torch.tensor([0, 0, 1, 1])
-    assert _margin_term(e, e, y, y, 1.0).item() == pytest.approx(1.0)
+    assert _margin_term(e, e, y, y, 1.0).item() == pytest.approx(0.5)  # 8 of 16 pairs at distance 0: hinge 1
     far = torch.tensor([[0.0, 0.0], [0.0, 0.1], [5.0, 0.0], [5.0, 0.1]])
     assert _margin_term(far, far, y, y, 1.0).item() == 0.0
+    # torchnca's loss: sum_i -log p_i + mean_i sum_{j of another class} relu(1 - d_ij^2)^2. Ours is the batch mean
+    # of -log p_i plus this term, so ours times B must be the post's loss, term by term, in float64 loops.
+    g = torch.Generator().manual_seed(0)
+    emb, labels = 0.4 * torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+    b = len(emb)
+    hinge_sum = sum(
+        max(0.0, 1.0 - float(((emb[i] - emb[j]) ** 2).sum())) ** 2
+        for i in range(b)
+        for j in range(b)
+        if labels[i] != labels[j]
+    )
+    post = b * _naive(emb, labels).item() + hinge_sum / b
+    ours = nca_loss(emb, labels) + _margin_term(emb, emb, labels, labels, 1.0)
+    assert 0 < hinge_sum and b * ours.item() == pytest.approx(post, rel=1e-9)
+
+
+def test_defaults_are_the_posts_recipe_and_a_plain_fit_then_test_works(tmp_path):
+    """The defaults are the torchnca post's MNIST recipe (raw inputs, N(0, 0.01^2) init, SGD with weight decay
+    rescaled to the batch mean, the margin term); they learn to ignore 8 near-constant noise coordinates, and a test
+    after a plain fit (no datamodule) uses fit's train loader as the reference set."""
+    hp = NCAModule(in_dim=784).hparams
+    assert (hp.init, hp.standardize, hp.optimizer, hp.margin, hp.margin_weight) == ("random", False, "sgd", 1.0, 1.0)
+    assert hp.lr == pytest.approx(1e-4 * 512) and hp.weight_decay == pytest.approx(10 / 512)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (600,), generator=g)
+    signal = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 0.9]])[labels] + 0.15 * torch.randn(600, 2, generator=g)
+    x = torch.cat([signal, 1.0 * torch.randn(600, 8, generator=g)], dim=1)
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:400], labels[:400]), batch_size=100)
+    queries = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[400:], labels[400:]), batch_size=200)
+    torch.manual_seed(0)
+    model = NCAModule(in_dim=10, out_dim=2, k=(5,), plot=False)
+    trainer = _trainer(tmp_path, max_epochs=15, limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=train)
+    result = trainer.test(model, dataloaders=queries, verbose=False)[0]
+    assert result["test/knn5_acc"] > 0.9 and result["test/knn5_acc"] > result["test/knn5_acc_raw"] + 0.15
+    A = model.A.detach()
+    assert A[:, 2:].norm() < 0.5 * A[:, :2].norm()  # the noise coordinates mostly projected out
+    with pytest.raises(ValueError, match="NCAModule: train_dataloaders must be one DataLoader"):
+        _trainer(tmp_path).test(NCAModule(in_dim=10, k=(5,)), dataloaders=queries, verbose=False)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from reprozoo.callbacks import load_landscape
 from reprozoo.cli import run_lightning
@@ -66,9 +67,21 @@ def test_regularization_config(tmp_path, variant, mnist_root):
     assert load_landscape(log_dir / "loss_landscape" / "epoch_0.npz")["loss"].shape == (5, 5)
     net = cli.model.net
     assert [h.linear.out_features for h in net.hidden] == [392, 196]
-    expected = {"l1": ("l1", 1e-5), "l2": ("l2", 1e-4)}.get(variant)
-    if expected:
-        assert cli.model.hparams[expected[0]] == expected[1]
+    hp = cli.model.hparams
+    assert (hp.optimizer, hp.lr, cli.datamodule.hparams.batch_size) == ("adam", 3e-4, 128)  # the seed's
+    assert type(cli.model.optimizers().optimizer).__name__ == "Adam"
+    # The Neuromatch tutorial's penalties: 1e-3 times sum |p| (L1) or sum p^2 (L2) over EVERY parameter, biases and
+    # normalisation parameters included, checked against a sum of our own.
+    params = list(net.parameters())
+    expected = {
+        "l1": 1e-3 * sum(p.detach().abs().sum() for p in params),
+        "l2": 1e-3 * sum(p.detach().pow(2).sum() for p in params),
+    }.get(variant)
+    if expected is None:
+        assert hp.l1 == hp.l2 == 0
+    else:
+        assert hp.penalize == "all"
+        torch.testing.assert_close(cli.model.penalty().detach(), expected, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("config", ["teacher", "small", "distilled", "teacher_mnist8k", "distilled_mnist8k"])

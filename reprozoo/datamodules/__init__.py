@@ -3,7 +3,7 @@
 from reprozoo.datamodules._base import ResumableDataLoader, ResumableSampler, SeededRandomSampler
 from reprozoo.datamodules.animal_faces import AnimalFacesDataModule
 from reprozoo.datamodules.cifar10c import CIFAR10CDataModule
-from reprozoo.datamodules.fashion_mnist import FashionMNISTDataModule
+from reprozoo.datamodules.fashion_mnist import FashionMNISTDataModule, TransferSetMNISTDataModule
 from reprozoo.datamodules.rings import ConcentricRingsDataModule
 from reprozoo.datamodules.sudoku import SudokuExtremeDataModule
 from reprozoo.datamodules.synthetic import SyntheticRegressionDataModule
@@ -13,6 +13,7 @@ __all__ = [
     "CIFAR10CDataModule",
     "ConcentricRingsDataModule",
     "FashionMNISTDataModule",
+    "TransferSetMNISTDataModule",
     "ResumableDataLoader",
     "ResumableSampler",
     "SeededRandomSampler",

@@ -479,3 +479,121 @@ class FashionMNISTDataModule(_SplitsDataModule):
             "val": subset(pool_images, pool_labels, val_idx),
             "test": subset(test_images, test_labels, test_idx),
         }
+
+
+class TransferSetMNISTDataModule(FashionMNISTDataModule):
+    """:class:`FashionMNISTDataModule` for a student's transfer set (Hinton, Vinyals & Dean 2015, section 3): a class
+    left out of the transfer set is left out of everything the student's run sees, the validation split used to
+    select its checkpoint included, and a separate held-out ``tune`` split keeps every class for choosing the
+    excluded classes' logit bias.
+
+    The splits are those of :class:`FashionMNISTDataModule` with the same arguments, then:
+
+    * ``train`` keeps only the classes of the transfer set: ``transfer_classes`` (None = all ten) minus
+      ``exclude_classes`` (the paper's "mythical" 3: ``exclude_classes=[3]``; its 7-and-8 experiment:
+      ``transfer_classes=[7, 8]``);
+    * ``val`` keeps the same classes when ``exclude_from_val`` (the default), so the model selection never sees a
+      class the student is not meant to know; ``exclude_from_val=False`` keeps the parent's behaviour (all classes);
+    * ``tune`` is the whole held-out ``val`` part before that filtering, every class in it: the data to tune the
+      logit bias on (the paper tuned it on the test set). It never overlaps ``test``.
+
+    Args: those of :class:`FashionMNISTDataModule`, and
+        transfer_classes: the classes (0..9) the transfer set may contain; None = all.
+        exclude_from_val: also filter ``val`` as ``train``.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["fashion_mnist", "mnist"] = "mnist",
+        data_dir: str | None = None,
+        train_source: Literal["train", "test"] = "train",
+        val_size: int | None = None,
+        num_train: int | None = None,
+        num_test: int | None = None,
+        normalize: bool = True,
+        flatten: bool = False,
+        jitter: int = 0,
+        exclude_classes: Sequence[int] = (),
+        transfer_classes: Sequence[int] | None = None,
+        exclude_from_val: bool = True,
+        return_index: bool = False,
+        mirrors: Sequence[str] | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__(
+            dataset=dataset,
+            data_dir=data_dir,
+            train_source=train_source,
+            val_size=val_size,
+            num_train=num_train,
+            num_test=num_test,
+            normalize=normalize,
+            flatten=flatten,
+            jitter=jitter,
+            exclude_classes=exclude_classes,
+            return_index=return_index,
+            mirrors=mirrors,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+        )
+        name = type(self).__name__
+        if transfer_classes is not None and (
+            isinstance(transfer_classes, (str, bytes))
+            or not isinstance(transfer_classes, Iterable)
+            or not all(
+                isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c < NUM_CLASSES
+                for c in transfer_classes
+            )
+        ):
+            raise ValueError(
+                f"{name}: transfer_classes must be a list of class numbers in 0..9 (or null for all), "
+                f"got {transfer_classes!r}"
+            )
+        if not isinstance(exclude_from_val, bool):
+            raise ValueError(f"{name}: exclude_from_val must be true or false, got {exclude_from_val!r}")
+        kept = set(range(NUM_CLASSES)) if transfer_classes is None else {int(c) for c in transfer_classes}
+        kept -= set(self.exclude_classes)
+        if not kept:
+            raise ValueError(
+                f"{name}: transfer_classes={transfer_classes!r} minus exclude_classes={list(self.exclude_classes)} "
+                "leaves no class in the transfer set; keep at least one"
+            )
+        self.transfer_classes = tuple(sorted(kept))
+        self.exclude_from_val = exclude_from_val
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        super().setup(stage)
+        held_out = self.splits["val"]
+        self.splits["train"] = self._only(self.splits["train"], self.transfer_classes)
+        self.splits["val"] = self._only(held_out, self.transfer_classes) if self.exclude_from_val else held_out
+        self.splits["tune"] = held_out
+
+    @staticmethod
+    def _only(split: MNISTLikeDataset, classes: Sequence[int]) -> MNISTLikeDataset:
+        keep = torch.isin(split.labels, torch.tensor(classes, dtype=torch.long))
+        if bool(keep.all()):
+            return split
+        # A new dataset rather than a view, so that an item's index (return_index) is its place in this split.
+        return MNISTLikeDataset(
+            split.images[keep],
+            split.labels[keep],
+            mean=split.mean,
+            std=split.std,
+            normalize=split.normalize,
+            flatten=split.flatten,
+            jitter=split.jitter,
+            return_index=split.return_index,
+            seed=split.seed,
+            source_index=split.source_index[keep],
+        )
+
+    def tune_dataloader(self):
+        """The held-out ``tune`` split, every class in it, in order: for tuning the logit bias, never the test."""
+        if not self.splits:
+            self.setup("fit")
+        return self._loader("tune")

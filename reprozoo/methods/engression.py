@@ -130,10 +130,10 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
         generator: the network g(x, eps), a :class:`~reprozoo.nets.StochasticMLP` (in a config: ``class_path:
             reprozoo.nets.StochasticMLP`` plus ``init_args``); its ``in_dim`` is the dimension of x (of the backbone's
             features in head mode), its ``out_dim`` that of y. Default: the official package's (x and y of dimension 1,
-            2 layers, 100 hidden units, 100 normal noise dimensions at the input, BatchNorm). Its arguments are
+            2 layers, 100 hidden units, 100 normal noise dimensions fed to every layer, BatchNorm). Its arguments are
             recorded in the hyperparameters, so ``load_from_checkpoint(path)`` rebuilds it however it was given.
         loss: ``"energy"`` (engression), or ``"l1"`` / ``"l2"`` regression with the same network minus its noise
-            (a generator with ``noise_dim=0``).
+            (a generator with ``noise_dim=0``: ``generator.without_noise()`` of the engression generator).
         beta: exponent of the energy score, in (0, 2) for a strictly proper score.
         m: samples per x in training (the official code draws 2).
         eval_samples: samples per x for validation, test and prediction.
@@ -141,7 +141,9 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
         interval: central interval whose coverage is reported (0.8 -> from the 10 % to the 90 % quantile).
         standardize: standardise x and y with the training set's mean and std (stored as buffers, so
             checkpoints and zoo files carry them); the official package does the same.
-        lr, weight_decay: Adam. The official package's default learning rate is 1e-4; its example uses 5e-3.
+        lr, weight_decay: Adam. The official package's default learning rate is 1e-4 (the default here); its
+            README example uses 1e-2 with batches of 1,000 for 500 epochs (the package's default number of epochs),
+            as the configs do.
         backbone: head mode: a frozen feature extractor in front of the generator, given as an ``nn.Module``
             (config: ``class_path``) or a zoo name. Its ``forward_features`` is used when it has one.
         freeze_backbone: keep the backbone frozen and in eval mode (default); False fine-tunes it too.

@@ -8,9 +8,13 @@ possible: point i picks neighbour j with probability
 and is correct with p_i = sum of p_ij over the j of i's class. The objective is the mean of -log p_i (the paper's
 log variant, eq. 5), here over mini-batches. With d << D, kNN then runs in a much smaller space.
 
+The defaults are the recipe of the torchnca post (Kevin Zakka, "Neighbourhood Components Analysis", 2020, and its
+``examples/knn.py``): raw inputs (no standardisation), A from N(0, 0.01^2), SGD with momentum 0.9 and weight decay,
+and the post's squared hinge ``margin`` term between different classes (on by default, as in torchnca's loss).
+
 Beyond the paper (each a switch): a small non-linear ``encoder`` before A ("deep NCA", Salakhutdinov & Hinton
-2007's direction, not this paper's); a hinge ``margin`` term against collapse; mini-batch training with the batch
-all-gathered across processes.
+2007's direction, not this paper's); the hinge ``margin`` term (the post's, not the paper's; ``margin=0`` gives the
+paper's objective alone); mini-batch training with the batch all-gathered across processes.
 
 Distributed and XLA: under DDP the batch is all-gathered (the exact global-batch gradient), the reference set and
 the initialisation use the whole training split on every process, and k-NN accuracies are torchmetrics. Not
@@ -87,13 +91,15 @@ def nca_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _margin_term(queries, keys, query_labels, key_labels, margin: float) -> torch.Tensor:
-    """Mean hinge ``relu(margin - ||e_i - e_j||^2)`` over different-class pairs: keeps classes at least ``margin``
-    apart (squared distance), so the embedding cannot shrink onto a point."""
-    d2 = torch.cdist(queries, keys).pow(2)
+    """The torchnca post's squared hinge ``relu(margin - ||e_i - e_j||^2)^2`` on different-class pairs, averaged
+    over all (Q, K) query-key pairs (same-class pairs count 0): keeps classes at least ``margin`` apart (squared
+    distance), so the embedding cannot shrink onto a point.
+
+    torchnca adds ``mean_i sum_j hinge^2`` to the batch *sum* of -log p_i; divided by the batch size B (our loss is
+    the batch mean) that is ``sum_ij hinge^2 / B^2``, this pair mean: weight 1 keeps the post's balance at any B."""
+    d2 = torch.cdist(queries, keys).pow(2)  # (Q, K)
     other = query_labels[:, None] != key_labels[None, :]
-    if not other.any():
-        return d2.sum() * 0.0
-    return F.relu(margin - d2[other]).mean()
+    return (F.relu(margin - d2) * other).pow(2).mean()
 
 
 # ------------------------------------------------------------------------------------------------------- inits
@@ -165,12 +171,13 @@ class NCAModule(CheckpointGuard, L.LightningModule):
     """NCA as a LightningModule: a linear projection A (``out_dim`` x ``in_dim``) trained with :func:`nca_loss` on
     mini-batches, evaluated by k-NN in the learned space against k-NN in the raw input space.
 
-    * ``init``: ``identity`` (the first ``out_dim`` rows of I), ``random`` (N(0, 0.01^2), as torchnca), ``pca`` or
-      ``lda`` (top principal / Fisher directions of the standardised training inputs, computed at the start of
-      ``fit`` on up to ``init_samples`` training items).
-    * ``standardize``: inputs are shifted and scaled by the per-feature mean and std of the training data
-      (computed with the init; constant features keep std 1); both are buffers, so checkpoints and zoo files carry
-      them.
+    * ``init``: ``identity`` (the first ``out_dim`` rows of I), ``random`` (N(0, 0.01^2), as torchnca; the
+      default), ``pca`` or ``lda`` (top principal / Fisher directions of the (standardised, if ``standardize``)
+      training inputs, computed at the start of ``fit`` on up to ``init_samples`` training items).
+    * ``standardize`` (off by default, as the post's MNIST run): inputs are shifted and scaled by the per-feature
+      mean and std of the training data (computed with the init; constant features keep std 1); both are buffers,
+      so checkpoints and zoo files carry them. On MNIST it costs about 1.5 points of 5-NN error: it blows up
+      near-constant border pixels to unit variance (docs/nca.md).
     * ``encoder``: an optional module before A (deep NCA; beyond the paper), e.g. an MLP ``class_path``, trained
       with A unless ``freeze_encoder``; or a zoo name, whose model is a frozen feature extractor (its
       ``forward_features``). ``in_dim`` is then the feature size.
@@ -182,14 +189,20 @@ class NCAModule(CheckpointGuard, L.LightningModule):
       ``k`` in the learned space (``{stage}/knn{k}_acc``) and, with ``compare_raw``, in the raw input space (the
       flattened inputs as given, not standardised: ``{stage}/knn{k}_acc_raw``); ``{stage}/knn_ms_per_query`` and ``..._raw`` time the search, and
       ``{stage}/reference_bytes`` and ``..._raw`` give the reference set's storage.
-    * ``transform(x)`` and ``predict_step`` give embeddings; at the end of fitting a 2-D scatter plot of the
-      validation embeddings (the first two coordinates) is written to ``<log_dir>/nca/`` and TensorBoard.
+    * ``transform(x)`` and ``predict_step`` give embeddings. After each validation epoch of ``fit`` (``plot``), a
+      scatter plot of the validation embeddings (the two coordinates when ``out_dim`` is 2, else their top two
+      principal components; rank 0's share under DDP) is written to ``<log_dir>/nca/embedding_epoch{N}.png`` and
+      logged to TensorBoard (``nca/embedding``).
+    * Plain Lightning works: ``trainer.fit(model, train_dataloaders=..., val_dataloaders=...)``; the reference set
+      and the initialisation then come from the train loader's dataset.
 
     Args:
         in_dim: input size D (after flattening); out_dim: d.
-        margin: squared-distance margin of the hinge term between different classes (0 = off);
-            margin_weight: its weight.
-        lr, weight_decay, optimizer: of the optimiser (weight decay acts on A and the encoder).
+        margin: squared-distance margin of the post's squared hinge term between different classes (0 = off, the
+            paper's objective alone); margin_weight: its weight.
+        lr, weight_decay, optimizer: of the optimiser (weight decay acts on A and the encoder; ``sgd`` has
+            momentum 0.9). The defaults are torchnca's lr 1e-4 and weight decay 10 on its batch-*summed* loss,
+            rescaled to our batch-mean loss at its batch of 512: lr 1e-4 * 512, weight decay 10 / 512.
         k: the k of the k-NN evaluations (the number of classes comes from the datamodule's ``num_classes``, or
             else from the reference labels).
     """
@@ -200,14 +213,14 @@ class NCAModule(CheckpointGuard, L.LightningModule):
         out_dim: int = 2,
         *,
         init: Literal["identity", "random", "pca", "lda"] = "random",
-        standardize: bool = True,
+        standardize: bool = False,
         encoder: nn.Module | str | None = None,
         freeze_encoder: bool = False,
-        margin: float = 0.0,
+        margin: float = 1.0,
         margin_weight: float = 1.0,
-        optimizer: Literal["adam", "sgd"] = "adam",
-        lr: float = 1e-2,
-        weight_decay: float = 0.0,
+        optimizer: Literal["adam", "sgd"] = "sgd",
+        lr: float = 0.0512,
+        weight_decay: float = 0.01953125,
         k: Sequence[int] = (1, 5),
         compare_raw: bool = True,
         init_samples: int = 10000,
@@ -265,6 +278,8 @@ class NCAModule(CheckpointGuard, L.LightningModule):
         self._num_classes: int | None = None
         self._reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (embedded, raw, labels)
         self._timings: dict[str, float] = {}
+        self._val_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []  # for the figure
+        self._fit_loader = None  # the train loader of the last plain fit: the reference set of a later test
         if weights:
             load_pretrained_into(self, weights)
 
@@ -322,19 +337,37 @@ class NCAModule(CheckpointGuard, L.LightningModule):
     def _plain_train_loader(self):
         """The training split in dataset order, unsharded: the same on every rank (statistics and the reference
         set must not depend on the process)."""
-        dm = self.trainer.datamodule
-        loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
         from torch.utils.data import DataLoader
 
-        batch_size = (
-            loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 256
-        )  # batch_sampler: None
+        trainer = self.trainer
+        if trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        else:
+            loader = trainer.train_dataloader
+            # Lightning sets trainer.train_dataloader only when the training loop starts, after on_fit_start and
+            # the sanity check; the loader given to fit is already in the fit loop's data source.
+            source = getattr(trainer.fit_loop, "_data_source", None)
+            if loader is None and getattr(source, "instance", None) is not None and source.is_defined():
+                loader = source.dataloader()
+            # validate/test after a plain fit: the reference set is the training split that fit saw
+            loader = self._fit_loader if loader is None else loader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "NCAModule: train_dataloaders must be one DataLoader of (inputs, labels) batches (the k-NN reference "
+                f"set and the initialisation read its dataset), got {type(loader).__name__}: fit with "
+                "trainer.fit(model, train_dataloaders=...) first, or use a datamodule"
+            )
+        if trainer.state.fn == "fit":
+            self._fit_loader = loader
+        batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 256
         return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn)
 
     def on_fit_start(self) -> None:
         for metric in self.modules():  # fresh states outside inference mode (see ClassifierModule.on_fit_start)
             if isinstance(metric, Metric):
                 metric.reset()
+        if self.trainer.datamodule is None:
+            self._plain_train_loader()  # checks the train loader now, and keeps it for a later validate/test
         if bool(self.initialised) or self.trainer.global_step > 0:
             return
         hp = self.hparams
@@ -372,7 +405,9 @@ class NCAModule(CheckpointGuard, L.LightningModule):
         # This rank's share of -(1/N') sum_i log p_i; the world factor undoes DDP's gradient averaging.
         loss = -log_p[valid].sum() * world / total_valid.clamp_min(1)
         if self.hparams.margin > 0:
-            loss = loss + self.hparams.margin_weight * _margin_term(emb, keys, y, key_labels, self.hparams.margin)
+            hinge = _margin_term(emb, keys, y, key_labels, self.hparams.margin)
+            loss = loss + self.hparams.margin_weight * hinge
+            self.log("train/margin", hinge.detach(), on_step=True, on_epoch=True, batch_size=len(y))
         check_finite_loss(self, loss, batch_idx)
         if n_valid > 0:
             self.train_loss(-log_p[valid].mean().detach(), n_valid)
@@ -420,6 +455,7 @@ class NCAModule(CheckpointGuard, L.LightningModule):
                     self._metrics[f"{split}_knn{kk}{space}"] = metric.to(self.device)
 
     def on_validation_epoch_start(self) -> None:
+        self._val_embeddings = []
         self._prepare_reference("val")
 
     def on_test_epoch_start(self) -> None:
@@ -428,7 +464,10 @@ class NCAModule(CheckpointGuard, L.LightningModule):
     def _knn_step(self, batch, stage: str) -> None:
         x, y = batch[0], batch[1]
         embedded, raw, labels = self._reference
-        spaces = [("", "learned", self.transform(x), embedded)]
+        learned = self.transform(x)
+        if stage == "val" and self.hparams.plot and not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+            self._val_embeddings.append((learned.detach().cpu(), y.detach().cpu()))
+        spaces = [("", "learned", learned, embedded)]
         if self.hparams.compare_raw:
             spaces.append(("_raw", "raw", x.flatten(1), raw))
         for suffix, space, q, ref in spaces:
@@ -460,9 +499,6 @@ class NCAModule(CheckpointGuard, L.LightningModule):
             values[f"{stage}/reference_bytes_raw"] = float(raw.numel() * raw.element_size())
         self.log_dict(values, rank_zero_only=True)
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_costs("val")
-
     def on_test_epoch_end(self) -> None:
         self._log_costs("test")
 
@@ -475,34 +511,29 @@ class NCAModule(CheckpointGuard, L.LightningModule):
 
     # ---- figure -------------------------------------------------------------------------------------------
 
-    def on_train_end(self) -> None:
-        if not self.hparams.plot or self.trainer.datamodule is None:
-            return
-        root = self.trainer.log_dir or self.trainer.default_root_dir  # read on every rank (it may broadcast)
-        try:
-            loader = self.trainer.datamodule.val_dataloader()
-        except Exception:  # noqa: BLE001 - no val split: nothing to draw
-            return
-        embs, labels = [], []
-        with torch.no_grad():
-            for batch in loader:
-                embs.append(self.transform(batch[0].to(self.device)).cpu())
-                labels.append(batch[1].cpu())
-        if embs:
-            self._save_scatter(torch.cat(embs), torch.cat(labels), Path(root) / "nca")
+    def on_validation_epoch_end(self) -> None:
+        self._log_costs("val")
+        if self._val_embeddings:
+            emb, labels = (torch.cat(parts) for parts in zip(*self._val_embeddings))
+            self._val_embeddings = []
+            self._save_scatter(emb, labels, Path(self.trainer.log_dir or self.trainer.default_root_dir) / "nca")
 
     @rank_zero_only
     def _save_scatter(self, emb: torch.Tensor, labels: torch.Tensor, folder: Path) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
+        emb, labels = emb[:5000].double(), labels[:5000]  # enough points to see the classes, a light PNG
+        if emb.shape[1] > 2:  # the plane where the embedding spreads most
+            emb, what = (emb - emb.mean(dim=0)) @ pca_directions(emb, 2).T, "top 2 principal components"
+        else:
+            emb, what = torch.cat([emb, torch.zeros(len(emb), 2 - emb.shape[1], dtype=emb.dtype)], dim=1), "A x"
         fig = Figure(figsize=(5.5, 5), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        y2 = emb[:, 1] if emb.shape[1] > 1 else torch.zeros(len(emb))
-        scatter = ax.scatter(emb[:, 0], y2, c=labels, cmap="tab10", s=6)
+        scatter = ax.scatter(emb[:, 0], emb[:, 1], c=labels, cmap="tab10", s=6)
         ax.legend(*scatter.legend_elements(), fontsize=7, loc="best", title="class")
-        ax.set_title(f"NCA embedding (validation, epoch {self.current_epoch})")
+        ax.set_title(f"NCA {self.hparams.out_dim}-d embedding, {what} (validation, epoch {self.current_epoch})")
         folder.mkdir(parents=True, exist_ok=True)
         save_figure(fig, folder / f"embedding_epoch{self.current_epoch}.png")
         for logger in self.trainer.loggers:

@@ -52,11 +52,15 @@ class StochasticMLP(nn.Module):
     ``num_layer`` counts linear layers as the official code does: an input layer, ``num_layer - 2`` hidden layers,
     an output layer. With ``resblock=True`` the hidden layers are paired into residual blocks (``num_layer`` is
     rounded up to an even number). Noise of ``noise_dim`` dimensions is concatenated to the input of the first
-    layer, and with ``noise_every_layer=True`` to the input of every hidden layer as well (the official StoNet does
-    the latter). ``noise_dim=0`` gives a deterministic MLP (the L1/L2 baselines).
+    layer, and with ``noise_every_layer=True`` (default, as the official StoNet's ``noise_all_layer``) to the input
+    of every hidden layer as well; with the default ``num_layer=2`` there is no hidden layer, so both choices build
+    the same network. ``noise_dim=0`` gives a deterministic MLP; :meth:`without_noise` builds the L1/L2 baseline of
+    a generator: the same layers and batch norm, minus the noise inputs.
 
-    Deviation from the official code: its hidden layers are built as ``[layer] * k``, which repeats *one* module,
-    so all hidden layers share weights; here each hidden layer has its own weights.
+    The defaults are those of the official ``engression()`` for a continuous response (2 layers, 100 hidden units,
+    100 noise dimensions, batch norm, no residual blocks); ``tests/test_engression.py`` checks them against the
+    installed package. Official versions up to 0.1.15 built hidden layers as ``[layer] * k``, one module repeated,
+    so that they shared weights; later versions, and this class, give each hidden layer its own weights.
     """
 
     def __init__(
@@ -69,7 +73,7 @@ class StochasticMLP(nn.Module):
         noise_dim: int = 100,
         noise_type: NoiseType = "normal",
         noise_scale: float = 1.0,
-        noise_every_layer: bool = False,
+        noise_every_layer: bool = True,
         resblock: bool = False,
         batch_norm: bool = True,
     ):
@@ -107,6 +111,11 @@ class StochasticMLP(nn.Module):
             )
         self.resblock = resblock
         self.output_layer = nn.Linear(hidden_dim, out_dim)
+
+    def without_noise(self) -> StochasticMLP:
+        """A fresh deterministic twin: the same arguments with ``noise_dim=0`` (the like-for-like L1/L2 baseline:
+        same widths, depth, residual blocks and batch norm, only the noise inputs gone)."""
+        return StochasticMLP(**{**self.config, "noise_dim": 0})
 
     def _noise(self, n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
         return _draw_noise(n, dim, self.noise_type, self.noise_scale, like)
