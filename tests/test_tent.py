@@ -1,4 +1,5 @@
 import copy
+import inspect
 import os
 import sys
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,7 +20,7 @@ from reprozoo.nets.wide_resnet import WideResNet, load_wide_resnet_checkpoint, w
 from reprozoo.zoo import _robustbench
 from reprozoo.zoo.classifiers import load_classifier
 from reprozoo.zoo.registry import WeightsError
-from tests.conftest import real_data
+from tests.conftest import ROOT, real_data
 from tests.helpers import tiny_trainer
 
 RESNET20 = "resnet20-12fca82f.th"
@@ -330,6 +332,72 @@ def test_lightning_test_loop_adapts_per_domain_and_resets_between_domains(tmp_pa
         expected(x)
     wrong = sum((expected(x).argmax(1) != y).sum().item() for x, y in chained[3:])
     assert results[1]["test/error/b"] == pytest.approx(wrong / 24)
+
+
+class BoundaryRecorder(TentModule):
+    """Keeps the BN parameters and Adam's step count at every domain boundary, before and after any reset."""
+
+    def start_domain(self, dataloader_idx):
+        bn = self.adapter.model.bn
+        self.before = getattr(self, "before", {})
+        self.after = getattr(self, "after", {})
+        self.before[dataloader_idx] = clone_state(bn)
+        super().start_domain(dataloader_idx)
+        state = self.adapter.optimizer.state.get(bn.weight, {})
+        self.after[dataloader_idx] = (clone_state(bn), int(state["step"]) if "step" in state else 0)
+
+
+def test_online_variant_starts_each_domain_from_the_previous_domains_adapted_state(tmp_path):
+    dm = TwoDomains()  # 3 batches of 8 per domain
+    source = tiny()
+    online = BoundaryRecorder(copy.deepcopy(source), train_mode="norm", reset="never")
+    tiny_trainer(tmp_path).test(online, datamodule=dm)
+    # Independent computation: one adapter fed the first domain's batches, then nothing else.
+    reference = TentAdapter(copy.deepcopy(source), train_mode="norm")
+    for x, _ in dm.test_dataloader()[0]:
+        reference(x)
+    adapted = clone_state(reference.model.bn)
+    state, steps = online.after[1]
+    assert all(torch.equal(state[k], adapted[k]) for k in ("weight", "bias"))  # no reset at the boundary
+    assert all(torch.equal(state[k], online.before[1][k]) for k in state)
+    assert not torch.equal(state["weight"], source.bn.weight)
+    assert steps == 3  # Adam's moments and step count carry over too
+    # A second trainer.test goes on from where the first ended (6 batches seen).
+    tiny_trainer(tmp_path).test(online, datamodule=dm)
+    assert online.after[0][1] == 6 and not torch.equal(online.after[0][0]["weight"], adapted["weight"])
+
+    offline = BoundaryRecorder(copy.deepcopy(source), train_mode="norm")  # the default, reset per domain
+    tiny_trainer(tmp_path).test(offline, datamodule=dm)
+    assert torch.equal(offline.before[1]["weight"], adapted["weight"])  # it adapted as far, then forgot
+    for i in (0, 1):
+        state, steps = offline.after[i]
+        assert torch.equal(state["weight"], source.bn.weight) and torch.equal(state["bias"], source.bn.bias)
+        assert steps == 0
+
+
+def test_defaults_and_configs_are_the_papers_protocol():
+    defaults = {k: p.default for k, p in inspect.signature(TentModule).parameters.items()}
+    assert defaults["mode"] == "tent" and defaults["lr"] == 1e-3 and defaults["steps"] == 1
+    assert defaults["optimizer"] == "adam" and defaults["betas"] == (0.9, 0.999) and defaults["weight_decay"] == 0
+    assert defaults["episodic"] is False and defaults["reset"] == "each_domain"
+    configs = ROOT / "reprozoo" / "configs" / "tent"
+    paper = yaml.safe_load((configs / "cifar10c_standard.yaml").read_text())
+    online = yaml.safe_load((configs / "cifar10c_standard_online.yaml").read_text())
+    model, data = paper["model"]["init_args"], paper["data"]["init_args"]
+    assert model["model"] == "robustbench:Standard" and model["reset"] == "each_domain"
+    assert (model["lr"], model["steps"], model["optimizer"]) == (0.001, 1, "adam")
+    # One pass over each corruption's whole test set (no subset), batch 200, severity 5, the published files.
+    assert data == {"source": "official", "severities": [5], "batch_size": 200}
+    assert online["model"]["init_args"] == {**model, "episodic": False, "reset": "never"}
+    assert online["data"] == paper["data"]
+    generated = yaml.safe_load((configs / "resnet20_generated.yaml").read_text())
+    generated_online = yaml.safe_load((configs / "resnet20_generated_online.yaml").read_text())
+    assert generated_online["model"]["init_args"] == {
+        **generated["model"]["init_args"],
+        "episodic": False,
+        "reset": "never",
+    }
+    assert generated_online["data"] == generated["data"]
 
 
 def test_lightning_module_refuses_to_fit_and_names_its_fields(tmp_path):

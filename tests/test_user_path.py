@@ -156,7 +156,7 @@ def test_config_file_errors_are_one_line(work, capsys):
     line = refused(capsys, "fit", "--config", "broken.yaml")
     assert "broken.yaml is not valid YAML" in line and "line 3" in line and "line 2" in line, line
     (work / "typo.yaml").write_text(
-        (CONFIG_DIR.parent / QUICK).read_text().replace("    lr: 0.005\n", "    lrr: 0.005\n")
+        (CONFIG_DIR.parent / QUICK).read_text().replace("    lr: 0.01", "    lrr: 0.01")
     )
     assert "lrr" in refused(capsys, "fit", "--config", "typo.yaml")
     assert "File does not exist" in refused(capsys, "fit", "--config", "configs/engression/quikstart.yaml")
@@ -384,16 +384,16 @@ def test_resume_an_explicit_checkpoint_continues_its_version(resumable, work, ca
         (
             ["--model.init_args.lr", "0.1"],
             [
-                "--model.init_args.lr 0.1 differs from the checkpoint's 0.005",
-                "Resume with --model.init_args.lr 0.005",
+                "--model.init_args.lr 0.1 differs from the checkpoint's 0.01",
+                "Resume with --model.init_args.lr 0.01",
                 "drop --ckpt_path",
             ],
         ),
         (
             ["--model.init_args.lr", "0.1", "--model.init_args.m", "4"],
             [
-                "--model.init_args.lr 0.1 and --model.init_args.m 4 differs from the checkpoint's 0.005 and 2",
-                "Resume with --model.init_args.lr 0.005 --model.init_args.m 2",
+                "--model.init_args.lr 0.1 and --model.init_args.m 4 differs from the checkpoint's 0.01 and 2",
+                "Resume with --model.init_args.lr 0.01 --model.init_args.m 2",
             ],
         ),
         (

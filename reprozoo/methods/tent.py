@@ -17,6 +17,12 @@ normalisation: batch statistics, no optimisation).
 :class:`TentAdapter` is the method as an ``nn.Module`` around any classifier; :class:`TentModule` runs it in
 Lightning's test loop, one test dataloader per domain, and reports error and entropy per domain.
 
+Protocol (the defaults, as the official ``cifar10c.py``): one pass over each corruption's test set in batches of 200
+(the datamodule's), one Adam step (lr 1e-3) per batch, not episodic, model and optimizer reset to the source state
+at the start of every corruption (``reset="each_domain"``). The *online* variant, ``reset="never"``, adapts
+continually: each corruption starts from the weights and optimizer state the previous one left
+(``configs/tent/*_online.yaml``).
+
 Choices and extensions, each documented where it is made:
 
 * **Dropout and other train-mode behaviour.** The official ``configure_model`` calls ``model.train()``: every
