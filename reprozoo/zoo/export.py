@@ -83,17 +83,7 @@ def export_checkpoint(
     dtype, so report metrics measured with the exported file.
     """
     _check_name(name)
-    try:
-        check_checkpoint_file(ckpt_path)
-    except (CheckpointError, FileNotFoundError) as err:
-        raise WeightsError(_one_line(err)) from err
-    # A Lightning checkpoint also holds optimizer and loop state of arbitrary types; it is the user's own file.
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as err:  # whatever unpickling raises: the file is not a checkpoint we can read
-        raise WeightsError(f"cannot read checkpoint {ckpt_path}: {_one_line(err)}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise WeightsError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
+    ckpt = _read_checkpoint(ckpt_path)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     class_path = module or hparams.get("_class_path")
     if not class_path:
@@ -236,6 +226,22 @@ def _write_entry(
     return out_dir / entry.file, out_dir / f"{name}.json"
 
 
+def _read_checkpoint(ckpt_path: str | os.PathLike) -> dict[str, Any]:
+    """A whole Lightning checkpoint, complete (CRCs checked) and with a ``state_dict``; one-line errors."""
+    try:
+        check_checkpoint_file(ckpt_path)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise WeightsError(_one_line(err)) from err
+    # It also holds optimizer and loop state of arbitrary types: unpickled in full, as it is the user's own file.
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # whatever unpickling raises: the file is not a checkpoint we can read
+        raise WeightsError(f"cannot read checkpoint {ckpt_path}: {_one_line(err)}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise WeightsError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
+    return ckpt
+
+
 def _rebuild(class_path: str, hparams: dict[str, Any], source: str | os.PathLike) -> torch.nn.Module:
     try:
         return build_module(class_path, hparams)
@@ -300,16 +306,7 @@ def upgrade_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike | No
     today's: ``load_from_checkpoint``, ``--ckpt_path`` and ``zoo export`` then read it as any other. Weights, optimizer
     and loop states are kept as they are. Written atomically to ``out`` (default: over ``ckpt_path``); returns it.
     A checkpoint that is already current is written unchanged."""
-    try:
-        check_checkpoint_file(ckpt_path)
-    except (CheckpointError, FileNotFoundError) as err:
-        raise WeightsError(_one_line(err)) from err
-    try:  # the user's own file, as for export: it holds optimizer and loop state of arbitrary types
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as err:  # whatever unpickling raises: the file is not a checkpoint we can read
-        raise WeightsError(f"cannot read checkpoint {ckpt_path}: {_one_line(err)}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise WeightsError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict')")
+    ckpt = _read_checkpoint(ckpt_path)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     writer = ckpt.get(RECORD_KEY) or hparams.get("_class_path")
     if not isinstance(writer, str):
