@@ -155,9 +155,7 @@ def test_config_file_errors_are_one_line(work, capsys):
     (work / "broken.yaml").write_text("model:\n  class_path: [unclosed\n")
     line = refused(capsys, "fit", "--config", "broken.yaml")
     assert "broken.yaml is not valid YAML" in line and "line 3" in line and "line 2" in line, line
-    (work / "typo.yaml").write_text(
-        (CONFIG_DIR.parent / QUICK).read_text().replace("    lr: 0.01", "    lrr: 0.01")
-    )
+    (work / "typo.yaml").write_text((CONFIG_DIR.parent / QUICK).read_text().replace("    lr: 0.01", "    lrr: 0.01"))
     assert "lrr" in refused(capsys, "fit", "--config", "typo.yaml")
     assert "File does not exist" in refused(capsys, "fit", "--config", "configs/engression/quikstart.yaml")
     line = refused(capsys, "fitt", "--config", QUICK)
