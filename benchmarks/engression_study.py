@@ -9,7 +9,7 @@ support, the energy score of the predicted distribution against one draw of Y pe
 Writes a markdown table and a figure, and prints the table.
 
     python benchmarks/engression_study.py                  # CPU size: square, m in 2 4 8 16, 50 epochs, 1 seed
-    python benchmarks/engression_study.py --m 2 4 --epochs 5 --out /tmp/study   # smoke run
+    python benchmarks/engression_study.py --m 2 4 --epochs 5 --out study_smoke   # a smoke run
 """
 
 from __future__ import annotations
