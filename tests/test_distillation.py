@@ -131,9 +131,9 @@ class Watch(L.Callback):
         self.grads.append(any(p.grad is not None or p.requires_grad for p in pl_module.teacher.parameters()))
 
 
-def _mnist(**kwargs) -> FashionMNISTDataModule:
+def _real_mnist_args() -> dict:
     """Real MNIST test images, read in place: 600 for training (minus val) and 200 for testing."""
-    defaults = dict(
+    return dict(
         dataset="mnist",
         data_dir=str(real_data("mnist")),
         train_source="test",
@@ -143,8 +143,10 @@ def _mnist(**kwargs) -> FashionMNISTDataModule:
         flatten=True,
         batch_size=100,
     )
-    defaults.update(kwargs)
-    return FashionMNISTDataModule(**defaults)
+
+
+def _mnist(**kwargs) -> FashionMNISTDataModule:
+    return FashionMNISTDataModule(**(_real_mnist_args() | kwargs))
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
@@ -301,16 +303,8 @@ def test_a_small_cnn_student_learns_from_an_mlp_teacher(tmp_path):
 
 
 def _transfer(**kwargs) -> TransferSetMNISTDataModule:
-    defaults = dict(
-        data_dir=str(real_data("mnist")),
-        train_source="test",
-        num_train=600,
-        num_test=200,
-        val_size=100,
-        flatten=True,
-        batch_size=100,
-    )
-    return TransferSetMNISTDataModule(**(defaults | kwargs))
+    """``_mnist``'s split of the real MNIST test images, as a transfer set."""
+    return TransferSetMNISTDataModule(**(_real_mnist_args() | kwargs))
 
 
 class SeenLabels(L.Callback):
