@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Iterable
@@ -27,6 +28,11 @@ def shown(path: Path) -> str:
             rel = path.relative_to(base).as_posix()
             return "/".join(part for part in (name, "" if rel == "." else rel) if part) or "."
     return f".../{path.name}"
+
+
+def shown_command(argv: list[str]) -> str:
+    """A command line as the benchmarks record it: every absolute path in it shown by :func:`shown`."""
+    return shlex.join(shown(Path(word)) if os.path.isabs(word) else word for word in argv)
 
 
 def stop_missing_data(script: str, files: Iterable[str], folder: Path, *, other_fix: str = "") -> NoReturn:

@@ -29,7 +29,6 @@ corruption) is the config ``configs/tent/cifar10c_standard.yaml`` (``cifar10c_st
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from _common import ROOT, quiet_lightning, shown, stop_missing_data
+from _common import ROOT, quiet_lightning, shown, shown_command, stop_missing_data
 
 from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.datamodules.cifar10c import CIFAR10CDataModule
@@ -197,7 +196,7 @@ def main() -> None:
     mean = {r: {s: 100 * float(np.mean(list(errors[r][s].values()))) for s in severities} for r in RUNS}
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [
-        f"# TENT on CIFAR-10-C-style corruptions (`python benchmarks/tent_cifar10c.py {shlex.join(sys.argv[1:])}`, "
+        f"# TENT on CIFAR-10-C-style corruptions (`python benchmarks/tent_cifar10c.py {shown_command(sys.argv[1:])}`, "
         f"{time.strftime('%Y-%m-%d')}, 2-core CPU, {total_s / 60:.1f} min)",
         "",
         f"ResNet-{args.depth} (pretrained, `{shown(weights.parent)}`), {args.images} random real CIFAR-10 "
