@@ -40,6 +40,7 @@ CONFIGS = ROOT / "reprozoo" / "configs"
 # Configs are named as on the command line, `configs/<folder>/<name>.yaml`: relative to the package, which ships them.
 HOME = CONFIGS.parent
 PRESETS = "configs/trainer/"  # trainer presets: compose with any experiment, neither experiments nor bases
+STUDIES = "configs/studies/"  # grids of runs of the experiments (`cli.py study`, tests/test_study.py), not configs
 BASE = "base.yaml"  # the shared settings of the experiments of its folder; not an experiment itself
 GOLDEN = Path(__file__).resolve().parent / "configs_golden"
 UPDATE = os.environ.get("UPDATE_CONFIG_GOLDENS", "").strip().lower() in {"1", "true", "yes", "on"}
@@ -152,7 +153,7 @@ def _experiment_files(path: Path) -> list[str] | None:
     return None
 
 
-ALL_FILES = sorted(_rel(p) for p in CONFIGS.rglob("*.yaml"))
+ALL_FILES = sorted(f for f in (_rel(p) for p in CONFIGS.rglob("*.yaml")) if not f.startswith(STUDIES))
 BASES = [f for f in ALL_FILES if f.endswith("/" + BASE)]
 EXPERIMENTS: dict[str, list[str] | None] = {
     f: _experiment_files(HOME / f) for f in ALL_FILES if not f.startswith(PRESETS) and f not in BASES

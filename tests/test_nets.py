@@ -179,7 +179,7 @@ def test_convnet_plain_layout_and_residual_projection():
     assert all(m.bias is None for m in net.features if isinstance(m, nn.Conv2d))  # BN replaces the bias
     no_bn = ConvNet(channels=(4,), batch_norm=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in no_bn.modules())
-    res = ConvNet(channels=(4, 4, 8), layers_per_block=2, pool_every=4, residual=True)
+    res = ConvNet(channels=(4, 4, 8), layers_per_block=1, pool_every=1, residual=True, image_size=16)
     blocks = [m for m in res.features if not isinstance(m, nn.MaxPool2d)]
     assert isinstance(blocks[0].shortcut, nn.Sequential)  # 3 -> 4 channels: 1x1 projection
     assert isinstance(blocks[1].shortcut, nn.Identity)  # 4 -> 4
@@ -192,6 +192,65 @@ def test_convnet_plain_layout_and_residual_projection():
     assert torch.equal(blocks[1].eval()(x), x)
 
 
+def test_convnet_residual_blocks_group_pool_every_convs_as_the_homework():
+    # K=[8], L=5, P=2: the convs 8 8 8 8 8 make blocks of 2, 2 and 1 convs, a pool after each full block
+    net = ConvNet(channels=(8,), layers_per_block=5, pool_every=2, residual=True, batch_norm=False)
+    kinds = [type(m).__name__ for m in net.features]
+    assert kinds == ["_ConvResidualBlock", "MaxPool2d", "_ConvResidualBlock", "MaxPool2d", "_ConvResidualBlock"]
+    sizes = [sum(isinstance(m, nn.Conv2d) for m in b.main) for b in net.features if hasattr(b, "main")]
+    assert sizes == [2, 2, 1]
+    assert net.features(torch.randn(1, 3, 32, 32)).shape == (1, 8, 8, 8)
+
+
+def test_convnet_bottleneck_blocks():
+    net = ConvNet(channels=(16,), layers_per_block=4, pool_every=4, residual=True, bottleneck=True, image_size=8)
+    first = net.features[0]  # 3 -> 16: no bottleneck (input and output widths differ)
+    assert [c.kernel_size for c in first.main if isinstance(c, nn.Conv2d)] == [(3, 3)] * 4
+    net = ConvNet(channels=(16, 16), layers_per_block=4, pool_every=4, residual=True, bottleneck=True, image_size=8)
+    second = net.features[2]  # 16 -> 16 with 4 convs: 1x1 down to 4, two 3x3 at 4, 1x1 up to 16
+    convs = [c for c in second.main if isinstance(c, nn.Conv2d)]
+    assert [(c.kernel_size[0], c.in_channels, c.out_channels) for c in convs] == [
+        (1, 16, 4),
+        (3, 4, 4),
+        (3, 4, 4),
+        (1, 4, 16),
+    ]
+    assert isinstance(second.shortcut, nn.Identity)
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def _side_after(image: int, convs: int, pool_every: int, kernel: int, pad: int) -> int:
+    side = image
+    for i in range(1, convs + 1):
+        side = side + 2 * pad - kernel + 1
+        if i % pool_every == 0:
+            side //= 2
+    return side
+
+
+@pytest.mark.parametrize("L, K", [(2, 32), (4, 64), (8, 128), (16, 32), (16, 64), (3, 64)])
+def test_convnet_kernel2_padding1_avgpool_size_and_parameters(L, K):
+    """The course's plain CNNs: kernel 2, padding 1 (the side grows by one per conv), avg pool every 3 convs."""
+    net = ConvNet(
+        channels=(K,),
+        layers_per_block=L,
+        pool_every=3,
+        kernel_size=2,
+        padding=1,
+        pool="avg",
+        batch_norm=False,
+        dropout=0.4,
+    )
+    side = _side_after(32, L, 3, 2, 1)
+    assert net.num_features == K * side * side
+    assert net.features(torch.randn(1, 3, 32, 32)).shape == (1, K, side, side)
+    assert sum(isinstance(m, nn.AvgPool2d) for m in net.features) == L // 3
+    convs = 4 * 3 * K + K + (L - 1) * (4 * K * K + K)  # 2x2 kernels with bias (no batch norm)
+    head = net.num_features * 100 + 100 + 100 * 10 + 10
+    assert n_params(net) == convs + head
+    assert any(isinstance(m, nn.Dropout) and m.p == 0.4 for m in net.classifier.modules())
+
+
 def test_convnet_other_input_sizes_and_bad_fields():
     net = ConvNet(in_channels=1, num_classes=10, channels=(8,), image_size=28)
     assert net.input_shape == (1, 28, 28) and net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
@@ -201,6 +260,12 @@ def test_convnet_other_input_sizes_and_bad_fields():
         ConvNet(channels=())
     with pytest.raises(ValueError, match="ConvNet: layers_per_block must"):
         ConvNet(layers_per_block=0)
+    with pytest.raises(ValueError, match="ConvNet: kernel_size must be odd"):
+        ConvNet(residual=True, kernel_size=2, padding=1)  # a residual sum needs convs that keep the size
+    with pytest.raises(ValueError, match="ConvNet: bottleneck must"):
+        ConvNet(bottleneck=True)
+    with pytest.raises(ValueError, match="ConvNet: pool must"):
+        ConvNet(pool="min")
 
 
 # ------------------------------------------------------------------ CIFAR ResNets

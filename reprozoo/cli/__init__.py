@@ -1,5 +1,5 @@
 """Command line: ``python cli.py {fit,validate,test,predict} --config ...`` (LightningCLI), ``python cli.py zoo ...``
-and ``python cli.py configs`` (the configs shipped in the package; ``--config configs/<folder>/<name>.yaml`` names
+``python cli.py study ...`` (grids of runs, see :mod:`reprozoo.cli._study`) and ``python cli.py configs`` (the configs shipped in the package; ``--config configs/<folder>/<name>.yaml`` names
 them from any folder, see :mod:`reprozoo.cli._configs`).
 
 Models and datamodules are chosen in subclass mode (``model: {class_path: ..., init_args: ...}``), so any
@@ -33,6 +33,7 @@ from reprozoo.cli._configs import CONFIG_DIR, list_configs, packaged_config
 from reprozoo.cli._errors import DEBUG_ENV, ResumeError, _debug, _is_user_error, _say, _user_message
 from reprozoo.cli._lightning import TRAINER_DEFAULTS, ReprozooCLI, run_lightning
 from reprozoo.cli._resume import RunGuard
+from reprozoo.cli._study import study_main
 from reprozoo.cli._zoo import zoo_main
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "main",
     "packaged_config",
     "run_lightning",
+    "study_main",
     "zoo_main",
 ]
 
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if words[:1] == ["zoo"]:
             return zoo_main(words[1:])
+        if words[:1] == ["study"]:
+            return study_main(words[1:])
         if words == ["configs"]:
             print("\n".join(list_configs()))
             return 0
