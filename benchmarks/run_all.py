@@ -45,6 +45,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
         "Engression: samples per x in the energy score (m) and the noise position (pre/post-additive)",
         ["--m", "2", "8", "--epochs", "30", "--out", "{out}"],
     ),
+    "engression_vs_package": (
+        "Engression vs the official engression package: time per epoch and energy score, with the limit",
+        ["--epochs", "20", "--rounds", "3"],
+    ),
     "trm_throughput": ("TRM training throughput and model FLOPs utilisation", ["--steps", "5"]),
     "trm_vs_official": ("TRM vs the official code: weights after 32 carry steps, time per step", ["--steps", "32"]),
     "trm_sample_efficiency": (

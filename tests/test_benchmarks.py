@@ -76,3 +76,19 @@ def test_distillation_benchmark_runs_its_configs(tmp_path):
         "distilled T=20, 7s and 8s only",
         "distilled T=20, 7s and 8s only, tuned bias",
     ]
+
+
+@pytest.mark.slow
+def test_engression_vs_package_benchmark_prints_its_table():
+    pytest.importorskip("engression", reason="needs the engression package (the dev extra)")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "engression_vs_package.py"), "--epochs", "1", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT / "benchmarks",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "parameters: package 10,501, ours 10,501" in done.stdout
+    for row in ("| package |", "| ours (Trainer) |", "| limit (torch ops only) |", "package / ours through"):
+        assert row in done.stdout

@@ -39,7 +39,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
 from reprozoo._files import data_path, offline, publish
-from reprozoo.datamodules._base import _SplitsDataModule
+from reprozoo.datamodules._base import BatchFetch, _SplitsDataModule, collate
 from reprozoo.datamodules.cifar10c_files import CLASSES, MEAN, STD, default_clean_root, load_clean_npz
 from reprozoo.datamodules.fashion_mnist import _rest, balanced_pick, stratified_pick
 
@@ -251,6 +251,18 @@ class CIFAR10Dataset(Dataset):
         if self.normalize:
             x = (x - self._mean) / self._std
         return (x, self._labels[index], index) if self.return_index else (x, self._labels[index])
+
+    def get_batch(self, indices: list[int]) -> tuple | None:
+        """The items of ``indices`` made at once (see :class:`~reprozoo.datamodules._base.BatchFetch`): the same
+        values as one by one; None (item by item) with ``augment`` or random inputs in the batch, drawn per item."""
+        index = torch.as_tensor(indices, dtype=torch.long) % len(self.images)
+        if self.augment or bool(self.random_input[index].any()):
+            return None
+        x = self.images[index].permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, 32, 32)
+        if self.normalize:
+            x = (x - self._mean) / self._std
+        labels = self.labels[index]
+        return (x, labels, index) if self.return_index else (x, labels)
 
 
 # ----------------------------------------------------------------------------------------------- the datamodule
@@ -641,9 +653,10 @@ class CIFAR10DataModule(_SplitsDataModule):
         """The train split in order, unshuffled and unaugmented, with the labels trained on (and the index with
         ``return_index``), in batches of ``batch_size``: for telling which training examples are fitted."""
         return DataLoader(
-            self._train().with_options(augment=False),
+            BatchFetch(self._train().with_options(augment=False)),
             batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             shuffle=False,
+            collate_fn=collate,
         )

@@ -201,6 +201,20 @@ class MNISTLikeDataset(Dataset):
         x = x.reshape(-1) if self.flatten else x.unsqueeze(0)
         return (x, self._labels[index], index) if self.return_index else (x, self._labels[index])
 
+    def get_batch(self, indices: list[int]) -> tuple | None:
+        """The items of ``indices`` made at once (see :class:`~reprozoo.datamodules._base.BatchFetch`): the same
+        values as one by one; None (item by item) with ``jitter``, whose shifts are drawn per item."""
+        if self.jitter:
+            return None
+        index = torch.as_tensor(indices, dtype=torch.long)
+        x = self.images[index].float().mul_(self._scale)  # (B, 28, 28)
+        if self._offset:
+            x = x.sub_(self._offset)
+        x = x.reshape(len(index), -1) if self.flatten else x.unsqueeze(1)
+        index = index % len(self.images)
+        labels = self.labels[index]
+        return (x, labels, index) if self.return_index else (x, labels)
+
 
 # ----------------------------------------------------------------------------------------------- the datamodule
 
