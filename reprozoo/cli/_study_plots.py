@@ -31,6 +31,7 @@ def _figure(title: str, results: list[dict], curve: str | None, path: Path, pane
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for ax, (panel, metric) in zip(axes.flat, panels):
@@ -43,6 +44,7 @@ def _figure(title: str, results: list[dict], curve: str | None, path: Path, pane
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

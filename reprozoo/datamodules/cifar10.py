@@ -40,8 +40,8 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from reprozoo._files import data_path, offline, publish
 from reprozoo.datamodules._base import BatchFetch, _SplitsDataModule, collate
+from reprozoo.datamodules._splits import official_splits, single_file_splits
 from reprozoo.datamodules.cifar10c_files import CLASSES, MEAN, STD, default_clean_root, load_clean_npz
-from reprozoo.datamodules.fashion_mnist import _rest, balanced_pick, stratified_pick
 
 NUM_CLASSES = len(CLASSES)
 IMAGE_SIZE = 32
@@ -510,64 +510,40 @@ class CIFAR10DataModule(_SplitsDataModule):
         paths = self.ensure_files()
         seed = hp.seed
 
-        def rng(k: int) -> np.random.Generator:
-            return np.random.default_rng((seed, k))
-
         if self.images_npz is None:
             parts = [self._read(p) for p in paths[:-1]]
             pool_x = np.concatenate([x for x, _ in parts])
             pool_y = np.concatenate([y for _, y in parts])
             test_x, test_y = self._read(paths[-1])
             self.files = {"train": list(paths[:-1]), "val": list(paths[:-1]), "test": [paths[-1]]}
-            val_size = 5000 if hp.val_size is None else hp.val_size
-            if val_size >= len(pool_y):
-                raise ValueError(
-                    f"{name}: val_size={val_size} leaves no training image of the {len(pool_y)} in "
-                    f"{paths[0].parent}/data_batch_1..5"
-                )
-            val_idx = stratified_pick(pool_y, val_size, rng(0))
-            train_idx = _rest(len(pool_y), val_idx)
-            if hp.num_train is not None:
-                if hp.num_train > len(train_idx):
-                    raise ValueError(
-                        f"{name}: num_train={hp.num_train}, but only {len(train_idx)} training images remain "
-                        f"after holding out val_size={val_size} of {len(pool_y)}"
-                    )
-                pick = balanced_pick(pool_y[train_idx], hp.num_train, rng(1), f"{name}: num_train", self.classes)
-                train_idx = train_idx[pick]
-            test_idx = np.arange(len(test_y))
-            if hp.num_test is not None:
-                if hp.num_test > len(test_y):
-                    raise ValueError(f"{name}: num_test={hp.num_test}, but {paths[-1]} has only {len(test_y)}")
-                test_idx = balanced_pick(test_y, hp.num_test, rng(2), f"{name}: num_test", self.classes)
+            train_idx, val_idx, test_idx = official_splits(
+                pool_y,
+                test_y,
+                val_size=hp.val_size,
+                num_train=hp.num_train,
+                num_test=hp.num_test,
+                seed=seed,
+                owner=name,
+                classes=self.classes,
+                pool_where=f"{paths[0].parent}/data_batch_1..5",
+                test_where=str(paths[-1]),
+                unit="image",
+            )
         else:
             pool_x, pool_y = self._read(paths[0])
             test_x, test_y = pool_x, pool_y
             self.files = {split: [paths[0]] for split in ("train", "val", "test")}
-            total = len(pool_y)
-            num_test = total // 5 if hp.num_test is None else hp.num_test
-            num_train = total - num_test if hp.num_train is None else hp.num_train
-            if num_test + num_train > total:
-                raise ValueError(
-                    f"{name}: num_train={num_train} + num_test={num_test} is more than the {total} images of "
-                    f"{paths[0]} (images_npz is split into train, val and test)"
-                )
-            if num_train < 1 or num_test < 1:
-                raise ValueError(
-                    f"{name}: the {total} images of {paths[0]} leave num_train={num_train}, num_test={num_test}; "
-                    "both must be >= 1"
-                )
-            test_idx = stratified_pick(pool_y, num_test, rng(2))
-            rest = _rest(total, test_idx)
-            part = rest[stratified_pick(pool_y[rest], num_train, rng(1))]
-            val_size = num_train // 10 if hp.val_size is None else hp.val_size
-            if val_size >= num_train:
-                raise ValueError(
-                    f"{name}: val_size={val_size} leaves no training image of the num_train={num_train} "
-                    "(with images_npz, val is held out of the training part)"
-                )
-            val_idx = part[stratified_pick(pool_y[part], val_size, rng(0))]
-            train_idx = np.setdiff1d(part, val_idx)
+            train_idx, val_idx, test_idx = single_file_splits(
+                pool_y,
+                val_size=hp.val_size,
+                num_train=hp.num_train,
+                num_test=hp.num_test,
+                seed=seed,
+                owner=name,
+                where=str(paths[0]),
+                why="images_npz is split into train, val and test",
+                unit="image",
+            )
 
         def subset(x: np.ndarray, y: np.ndarray, idx: np.ndarray, **kwargs) -> CIFAR10Dataset:
             idx = np.asarray(idx, dtype=np.int64)

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from reprozoo._files import data_path, data_root, offline
 from reprozoo.datamodules._base import _SplitsDataModule
+from reprozoo.datamodules._splits import official_splits, single_file_splits
 from reprozoo.datamodules.idx_files import IMAGE_SIZE, NUM_CLASSES, download_files, find_file, read_images, read_labels
 
 # the official file names (without .gz) of each part, as in torchvision's ``resources``
@@ -61,48 +62,6 @@ def default_data_dir(dataset: str = "fashion_mnist") -> Path:
     """``<data root>/mnist`` or ``<data root>/fashion_mnist`` (:func:`reprozoo._files.data_root`): the official idx
     files directly in it, or torchvision's layout below it (``MNIST/raw``, ``FashionMNIST/raw``)."""
     return data_root() / dataset
-
-
-# ----------------------------------------------------------------------------------------------- splits
-
-
-def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted positions of ``n`` of ``labels`` keeping the class proportions: each class gets the floor of its share
-    and the remaining items go to the largest remainders (ties broken at random)."""
-    classes, counts = np.unique(labels, return_counts=True)
-    total = len(labels)
-    quotas, remainders = np.divmod(n * counts, total) if total else (counts * 0, counts * 0)
-    rest = n - int(quotas.sum())
-    order = np.lexsort((rng.random(len(classes)), -remainders))
-    quotas[order[:rest]] += 1
-    picks = [rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False) for c, q in zip(classes, quotas)]
-    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
-
-
-def balanced_pick(
-    labels: np.ndarray, n: int, rng: np.random.Generator, what: str, classes: Sequence[str]
-) -> np.ndarray:
-    """Sorted positions of ``n`` of ``labels``, ``n // 10`` per class and one more for ``n % 10`` classes drawn at
-    random; ValueError starting with ``what`` when a class has too few items."""
-    quotas = np.full(NUM_CLASSES, n // NUM_CLASSES)
-    quotas[rng.permutation(NUM_CLASSES)[: n % NUM_CLASSES]] += 1
-    picks = []
-    for c in range(NUM_CLASSES):
-        pool = np.flatnonzero(labels == c)
-        if len(pool) < quotas[c]:
-            counts = np.bincount(labels, minlength=NUM_CLASSES)
-            raise ValueError(
-                f"{what}: a class-balanced subset of {n} needs {quotas[c]} items of class {c} ({classes[c]}), "
-                f"but there are only {len(pool)} (per class: {counts.tolist()}, {len(labels)} in all)"
-            )
-        picks.append(rng.choice(pool, size=int(quotas[c]), replace=False))
-    return np.sort(np.concatenate(picks))
-
-
-def _rest(n: int, taken: np.ndarray) -> np.ndarray:
-    keep = np.ones(n, dtype=bool)
-    keep[taken] = False
-    return np.flatnonzero(keep)
 
 
 # ----------------------------------------------------------------------------------------------- items
@@ -425,59 +384,33 @@ class FashionMNISTDataModule(_SplitsDataModule):
         test_np = test_labels.numpy()
         seed = hp.seed
 
-        def rng(k: int) -> np.random.Generator:
-            return np.random.default_rng((seed, k))
-
         if hp.train_source == "train":
             pool_images, pool_labels = self._read_part(paths, "train")
             pool_np = pool_labels.numpy()
-            val_size = 5000 if hp.val_size is None else hp.val_size
-            if val_size >= len(pool_np):
-                raise ValueError(
-                    f"{name}: val_size={val_size} leaves no training item of the {len(pool_np)} in "
-                    f"{self.files['train'][0]}"
-                )
-            val_idx = stratified_pick(pool_np, val_size, rng(0))
-            train_idx = _rest(len(pool_np), val_idx)
-            if hp.num_train is not None:
-                if hp.num_train > len(train_idx):
-                    raise ValueError(
-                        f"{name}: num_train={hp.num_train}, but only {len(train_idx)} training items remain "
-                        f"after holding out val_size={val_size} of {len(pool_np)}"
-                    )
-                pick = balanced_pick(pool_np[train_idx], hp.num_train, rng(1), f"{name}: num_train", self.classes)
-                train_idx = train_idx[pick]
-            test_idx = np.arange(len(test_np))
-            if hp.num_test is not None:
-                if hp.num_test > len(test_np):
-                    raise ValueError(f"{name}: num_test={hp.num_test}, but the test file has only {len(test_np)}")
-                test_idx = balanced_pick(test_np, hp.num_test, rng(2), f"{name}: num_test", self.classes)
+            train_idx, val_idx, test_idx = official_splits(
+                pool_np,
+                test_np,
+                val_size=hp.val_size,
+                num_train=hp.num_train,
+                num_test=hp.num_test,
+                seed=seed,
+                owner=name,
+                classes=self.classes,
+                pool_where=str(self.files["train"][0]),
+                test_where="the test file",
+            )
         else:
             pool_images, pool_labels, pool_np = test_images, test_labels, test_np
-            total = len(test_np)
-            num_test = total // 5 if hp.num_test is None else hp.num_test
-            num_train = total - num_test if hp.num_train is None else hp.num_train
-            if num_test + num_train > total:
-                raise ValueError(
-                    f"{name}: num_train={num_train} + num_test={num_test} is more than the {total} images of "
-                    f"{self.files['test'][0]} (train_source='test' splits that file)"
-                )
-            if num_train < 1 or num_test < 1:
-                raise ValueError(
-                    f"{name}: the {total} test images leave num_train={num_train}, num_test={num_test}; "
-                    f"both must be >= 1"
-                )
-            test_idx = stratified_pick(test_np, num_test, rng(2))
-            rest = _rest(total, test_idx)
-            part = rest[stratified_pick(test_np[rest], num_train, rng(1))]
-            val_size = num_train // 10 if hp.val_size is None else hp.val_size
-            if val_size >= num_train:
-                raise ValueError(
-                    f"{name}: val_size={val_size} leaves no training item of the num_train={num_train} "
-                    f"(train_source='test': val is held out of the training part)"
-                )
-            val_idx = part[stratified_pick(test_np[part], val_size, rng(0))]
-            train_idx = np.setdiff1d(part, val_idx)
+            train_idx, val_idx, test_idx = single_file_splits(
+                test_np,
+                val_size=hp.val_size,
+                num_train=hp.num_train,
+                num_test=hp.num_test,
+                seed=seed,
+                owner=name,
+                where=str(self.files["test"][0]),
+                why="train_source='test' splits that file",
+            )
 
         if self.exclude_classes:
             train_idx = train_idx[~np.isin(pool_np[train_idx], self.exclude_classes)]
