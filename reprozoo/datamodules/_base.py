@@ -8,8 +8,9 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
 
@@ -50,6 +51,36 @@ class BatchFetch(Dataset):
             return Batch(t[index] for t in self.dataset.tensors)
         batch = self.dataset.get_batch(indices) if hasattr(self.dataset, "get_batch") else None
         return Batch(batch) if batch is not None else [self.dataset[i] for i in indices]
+
+
+def seed_of(*entropy: int) -> int:
+    """A 63-bit seed mixed from integers (numpy's SeedSequence): nearby inputs give unrelated generators."""
+    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class WorkerSeededDraws:
+    """For datasets that draw anew at each access (augmentation): :meth:`_draws` is a generator seeded by
+    ``self.seed`` and ``tag`` in the main process, and by those and the worker's seed in a loader worker, so workers
+    never repeat each other's draws and a run is reproducible for a given seed and worker count. The generator is
+    made by each process for itself and never pickled."""
+
+    seed: int
+    _generator: torch.Generator | None = None
+    _generator_key: int | None = None
+
+    def _draws(self, tag: int) -> torch.Generator:
+        info = get_worker_info()
+        key = -1 if info is None else int(info.seed)
+        if self._generator is None or self._generator_key != key:
+            entropy = (self.seed, tag) if info is None else (self.seed, tag, int(info.seed))
+            self._generator = torch.Generator().manual_seed(seed_of(*entropy))
+            self._generator_key = key
+        return self._generator
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_generator"] = state["_generator_key"] = None  # each process makes its own
+        return state
 
 
 class SeededRandomSampler(Sampler[int]):

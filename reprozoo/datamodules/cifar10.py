@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
 from reprozoo._files import data_path, offline, publish
-from reprozoo.datamodules._base import BatchFetch, _SplitsDataModule, collate
+from reprozoo.datamodules._base import BatchFetch, WorkerSeededDraws, _SplitsDataModule, collate, seed_of
 from reprozoo.datamodules._splits import official_splits, single_file_splits
 from reprozoo.datamodules.cifar10c_files import CLASSES, MEAN, STD, default_clean_root, load_clean_npz
 
@@ -123,14 +123,10 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(means), tuple(stds)
 
 
-def _seed_of(*entropy: int) -> int:
-    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 # ----------------------------------------------------------------------------------------------- items
 
 
-class CIFAR10Dataset(Dataset):
+class CIFAR10Dataset(WorkerSeededDraws, Dataset):
     """``(image, label)`` items, or ``(image, label, index)`` with ``return_index``, of uint8 (N, 32, 32, 3) images.
 
     The image is float32 (3, 32, 32): pixels in [0, 1], or ``(p - mean_c) / std_c`` per channel with ``normalize``.
@@ -186,16 +182,9 @@ class CIFAR10Dataset(Dataset):
         self._noise_std = torch.tensor(self.noise_std, dtype=torch.float32).view(3, 1, 1)
         self._labels = self.labels.tolist()
         self._random = self.random_input.tolist()
-        self._generator: torch.Generator | None = None
-        self._generator_key: int | None = None
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_generator"] = state["_generator_key"] = None  # each process makes its own
-        return state
 
     def with_options(self, **changes) -> CIFAR10Dataset:
         """The same items (tensors shared, nothing copied) with other options, e.g. ``augment=False``."""
@@ -213,19 +202,10 @@ class CIFAR10Dataset(Dataset):
         )
         return CIFAR10Dataset(self.images, self.labels, **(options | changes))
 
-    def _augment_generator(self) -> torch.Generator:
-        info = get_worker_info()
-        key = -1 if info is None else int(info.seed)
-        if self._generator is None or self._generator_key != key:
-            entropy = (self.seed, 5) if info is None else (self.seed, 5, int(info.seed))
-            self._generator = torch.Generator().manual_seed(_seed_of(*entropy))
-            self._generator_key = key
-        return self._generator
-
     def noise_image(self, index: int) -> torch.Tensor:
         """The Gaussian noise (3, 32, 32), in [0, 1] units before normalisation, that replaces item ``index``'s image
         when ``random_input[index]``: a function of ``(noise_seed, index)`` and the channel statistics alone."""
-        generator = torch.Generator().manual_seed(_seed_of(self.noise_seed, 12, int(index)))
+        generator = torch.Generator().manual_seed(seed_of(self.noise_seed, 12, int(index)))
         z = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         return z.mul_(self._noise_std).add_(self._noise_mean)
 
@@ -240,7 +220,7 @@ class CIFAR10Dataset(Dataset):
         else:
             x = self.images[index].permute(2, 0, 1).float().div_(255.0)
         if self.augment:
-            generator = self._augment_generator()
+            generator = self._draws(5)
             dy, dx = torch.randint(0, 2 * CROP_PADDING + 1, (2,), generator=generator).tolist()
             flip = bool(torch.randint(0, 2, (1,), generator=generator))
             padded = F.pad(x, (CROP_PADDING,) * 4)

@@ -31,10 +31,10 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import torchvision.datasets
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from reprozoo._files import data_path, data_root, offline
-from reprozoo.datamodules._base import _SplitsDataModule
+from reprozoo.datamodules._base import WorkerSeededDraws, _SplitsDataModule
 from reprozoo.datamodules._splits import official_splits, single_file_splits
 from reprozoo.datamodules.idx_files import IMAGE_SIZE, NUM_CLASSES, download_files, find_file, read_images, read_labels
 
@@ -79,7 +79,7 @@ def shift_image(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
-class MNISTLikeDataset(Dataset):
+class MNISTLikeDataset(WorkerSeededDraws, Dataset):
     """``(image, label)`` items, or ``(image, label, index)`` with ``return_index``, of 28x28 uint8 images.
 
     The image is float32 (1, 28, 28), or (784,) with ``flatten``: pixels in [0, 1], or ``(p - mean) / std`` with
@@ -122,27 +122,9 @@ class MNISTLikeDataset(Dataset):
         self._scale = 1.0 / (255.0 * std) if normalize else 1.0 / 255.0
         self._offset = mean / std if normalize else 0.0
         self._labels = self.labels.tolist()
-        self._generator: torch.Generator | None = None
-        self._generator_key: int | None = None
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_generator"] = state["_generator_key"] = None  # each process makes its own
-        return state
-
-    def _shift_generator(self) -> torch.Generator:
-        info = get_worker_info()
-        key = -1 if info is None else int(info.seed)
-        if self._generator is None or self._generator_key != key:
-            entropy = [self.seed, 3] if info is None else [self.seed, 3, int(info.seed)]
-            self._generator = torch.Generator().manual_seed(
-                int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
-            )
-            self._generator_key = key
-        return self._generator
 
     def __getitem__(self, index: int):
         n = len(self.images)
@@ -152,7 +134,7 @@ class MNISTLikeDataset(Dataset):
         index %= n
         image = self.images[index]
         if self.jitter:
-            dy, dx = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=self._shift_generator()).tolist()
+            dy, dx = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=self._draws(3)).tolist()
             image = shift_image(image, dy, dx)
         x = image.float().mul_(self._scale)
         if self._offset:
