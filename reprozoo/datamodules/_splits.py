@@ -134,3 +134,22 @@ def single_file_splits(
         )
     val_idx = part[stratified_pick(labels[part], val_size, _rng(seed, 0))]
     return np.setdiff1d(part, val_idx), val_idx, test_idx
+
+
+def is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_split_args(owner: str, *, val_size, num_train, num_test, batch_size, num_workers, seed) -> None:
+    """The arguments every datamodule of these splits shares: one-line ValueErrors naming ``owner`` and the field."""
+    if val_size is not None and not (is_int(val_size) and val_size >= 0):
+        raise ValueError(f"{owner}: val_size must be an integer >= 0 or None, got {val_size!r}")
+    for field, value in {"num_train": num_train, "num_test": num_test}.items():
+        if value is not None and not (is_int(value) and value >= 1):
+            raise ValueError(f"{owner}: {field} must be an integer >= 1 or None, got {value!r}")
+    if not (is_int(batch_size) and batch_size >= 1):
+        raise ValueError(f"{owner}: batch_size must be an integer >= 1, got {batch_size!r}")
+    for field, value in {"num_workers": num_workers, "seed": seed}.items():
+        if not (is_int(value) and value >= 0):
+            raise ValueError(f"{owner}: {field} must be an integer >= 0, got {value!r}")

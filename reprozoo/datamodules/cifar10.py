@@ -40,7 +40,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from reprozoo._files import data_path, offline, publish
 from reprozoo.datamodules._base import BatchFetch, WorkerSeededDraws, _SplitsDataModule, collate, seed_of
-from reprozoo.datamodules._splits import official_splits, single_file_splits
+from reprozoo.datamodules._splits import check_split_args, is_int, official_splits, single_file_splits
 from reprozoo.datamodules.cifar10c_files import CLASSES, MEAN, STD, default_clean_root, load_clean_npz
 
 NUM_CLASSES = len(CLASSES)
@@ -342,9 +342,6 @@ class CIFAR10DataModule(_SplitsDataModule):
         super().__init__()
         name = type(self).__name__
 
-        def is_int(value) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
         def is_fraction(value) -> bool:
             return (
                 isinstance(value, (int, float, np.integer, np.floating))
@@ -355,11 +352,15 @@ class CIFAR10DataModule(_SplitsDataModule):
         for field, value in {"data_dir": data_dir, "images_npz": images_npz}.items():
             if value is not None and not (isinstance(value, (str, os.PathLike)) and str(value)):
                 raise ValueError(f"{name}: {field} must be a path (a non-empty string) or None, got {value!r}")
-        if val_size is not None and not (is_int(val_size) and val_size >= 0):
-            raise ValueError(f"{name}: val_size must be an integer >= 0 or None, got {val_size!r}")
-        for field, value in {"num_train": num_train, "num_test": num_test}.items():
-            if value is not None and not (is_int(value) and value >= 1):
-                raise ValueError(f"{name}: {field} must be an integer >= 1 or None, got {value!r}")
+        check_split_args(
+            name,
+            val_size=val_size,
+            num_train=num_train,
+            num_test=num_test,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+        )
         for field, value in {
             "normalize": normalize,
             "augment": augment,
@@ -378,11 +379,6 @@ class CIFAR10DataModule(_SplitsDataModule):
             )
         if noise_seed is not None and not (is_int(noise_seed) and noise_seed >= 0):
             raise ValueError(f"{name}: noise_seed must be an integer >= 0 or None (= seed), got {noise_seed!r}")
-        if not (is_int(batch_size) and batch_size >= 1):
-            raise ValueError(f"{name}: batch_size must be an integer >= 1, got {batch_size!r}")
-        for field, value in {"num_workers": num_workers, "seed": seed}.items():
-            if not (is_int(value) and value >= 0):
-                raise ValueError(f"{name}: {field} must be an integer >= 0, got {value!r}")
         self.save_hyperparameters()
         self.data_dir = data_path(data_dir) if data_dir is not None else default_clean_root()
         self.images_npz = data_path(images_npz) if images_npz is not None else None

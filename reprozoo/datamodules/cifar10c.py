@@ -63,6 +63,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from reprozoo._files import data_path, offline, sha256_file, write_atomic
+from reprozoo.datamodules._splits import is_int
 from reprozoo.datamodules.cifar10c_files import (
     ARCHIVE_NAME,
     CIFAR10C_BYTES,
@@ -164,10 +165,6 @@ class CIFAR10CDataset(Dataset):
 # ----------------------------------------------------------------------------------------------- the datamodule
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 class CIFAR10CDataModule(L.LightningDataModule):
     """CIFAR-10-C test domains, one test (and predict) dataloader per (corruption, severity), plus ``"clean"``.
 
@@ -262,9 +259,9 @@ class CIFAR10CDataModule(L.LightningDataModule):
                     check_corruption(c, frost_dir)
                 except ValueError as err:
                     raise ValueError(f"{name}: corruptions: {err}") from err
-        if _is_int(severities):
+        if is_int(severities):
             severities = [severities]
-        if not isinstance(severities, Sequence) or not all(_is_int(s) and 1 <= s <= 5 for s in severities):
+        if not isinstance(severities, Sequence) or not all(is_int(s) and 1 <= s <= 5 for s in severities):
             raise ValueError(f"{name}: severities must be integers in 1..5, got {severities!r}")
         if len(set(severities)) != len(severities):
             raise ValueError(f"{name}: severities lists a severity twice: {list(severities)}")
@@ -272,7 +269,7 @@ class CIFAR10CDataModule(L.LightningDataModule):
             raise ValueError(
                 f"{name}: no domain to serve: corruptions and severities are empty and include_clean is off"
             )
-        if num_examples is not None and not (_is_int(num_examples) and num_examples >= 1):
+        if num_examples is not None and not (is_int(num_examples) and num_examples >= 1):
             raise ValueError(f"{name}: num_examples must be an integer >= 1 or None, got {num_examples!r}")
         if subset not in ("first", "random"):
             raise ValueError(f"{name}: subset must be 'first' or 'random', got {subset!r}")
@@ -296,10 +293,10 @@ class CIFAR10CDataModule(L.LightningDataModule):
             raise ValueError(f"{name}: std must be positive, got {std!r}")
         if not isinstance(md5, str) or len(md5) != 32 or any(ch not in "0123456789abcdefABCDEF" for ch in md5):
             raise ValueError(f"{name}: md5 must be 32 hexadecimal digits, got {md5!r}")
-        if not (_is_int(batch_size) and batch_size >= 1):
+        if not (is_int(batch_size) and batch_size >= 1):
             raise ValueError(f"{name}: batch_size must be an integer >= 1, got {batch_size!r}")
         for field, value in {"num_workers": num_workers, "seed": seed}.items():
-            if not (_is_int(value) and value >= 0):
+            if not (is_int(value) and value >= 0):
                 raise ValueError(f"{name}: {field} must be an integer >= 0, got {value!r}")
         self.save_hyperparameters()
         self.data_dir = data_path(data_dir) if data_dir is not None else default_data_dir()

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from reprozoo._files import data_path, data_root, offline
 from reprozoo.datamodules._base import WorkerSeededDraws, _SplitsDataModule
-from reprozoo.datamodules._splits import official_splits, single_file_splits
+from reprozoo.datamodules._splits import check_split_args, is_int, official_splits, single_file_splits
 from reprozoo.datamodules.idx_files import IMAGE_SIZE, NUM_CLASSES, download_files, find_file, read_images, read_labels
 
 # the official file names (without .gz) of each part, as in torchvision's ``resources``
@@ -236,18 +236,19 @@ class FashionMNISTDataModule(_SplitsDataModule):
         super().__init__()
         name = type(self).__name__
 
-        def is_int(value) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
         if dataset not in DATASETS:
             raise ValueError(f"{name}: dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
         if train_source not in FILES:
             raise ValueError(f"{name}: train_source must be 'train' or 'test', got {train_source!r}")
-        for field, value in {"num_train": num_train, "num_test": num_test}.items():
-            if value is not None and not (is_int(value) and value >= 1):
-                raise ValueError(f"{name}: {field} must be an integer >= 1 or None, got {value!r}")
-        if val_size is not None and not (is_int(val_size) and val_size >= 0):
-            raise ValueError(f"{name}: val_size must be an integer >= 0 or None, got {val_size!r}")
+        check_split_args(
+            name,
+            val_size=val_size,
+            num_train=num_train,
+            num_test=num_test,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+        )
         if not (is_int(jitter) and 0 <= jitter < IMAGE_SIZE):
             raise ValueError(
                 f"{name}: jitter must be an integer number of pixels in [0, {IMAGE_SIZE - 1}], got {jitter!r}"
@@ -262,11 +263,6 @@ class FashionMNISTDataModule(_SplitsDataModule):
             raise ValueError(f"{name}: exclude_classes removes all 10 classes; the train split would be empty")
         if isinstance(mirrors, (str, bytes)):
             raise ValueError(f"{name}: mirrors must be a list of URLs, got the string {mirrors!r}")
-        if not (is_int(batch_size) and batch_size >= 1):
-            raise ValueError(f"{name}: batch_size must be an integer >= 1, got {batch_size!r}")
-        for field, value in {"num_workers": num_workers, "seed": seed}.items():
-            if not (is_int(value) and value >= 0):
-                raise ValueError(f"{name}: {field} must be an integer >= 0, got {value!r}")
         self.save_hyperparameters()
         self.info = DATASETS[dataset]
         self.data_dir = data_path(data_dir) if data_dir is not None else default_data_dir(dataset)
