@@ -216,6 +216,9 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
         self.register_buffer("y_loc", torch.zeros(out_dim))
         self.register_buffer("y_scale", torch.ones(out_dim))
         self.register_buffer("stats_ready", torch.tensor(not standardize))
+        # The two terms of the energy loss, as epoch means: logging them per step would cost more than the step of a
+        # small generator (Lightning's bookkeeping per key), and their balance is read across an epoch anyway.
+        self.train_fit, self.train_spread = MeanMetric(), MeanMetric()
         self.val_metrics = _DistributionMetrics(out_dim, quantiles, interval, beta)
         self.test_metrics = _DistributionMetrics(out_dim, quantiles, interval, beta)
         if weights:
@@ -346,13 +349,18 @@ class EngressionRegressor(CheckpointGuard, L.LightningModule):
             fit, spread = fit.mean(), spread.mean()
             loss = fit - spread / 2
             # The two terms should end up about equal; a gap means under- or over-dispersed samples.
-            self.log_dict({"train/loss_fit": fit, "train/loss_spread": spread}, batch_size=len(y))
+            self.train_fit.update(fit.detach(), len(y))
+            self.train_spread.update(spread.detach(), len(y))
         else:
             pred = self.generator(f)  # (B, d)
             loss = (pred - y).abs().mean() if self.hparams.loss == "l1" else (pred - y).pow(2).mean()
         check_finite_loss(self, loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.loss == "energy":
+            self.log_dict({"train/loss_fit": self.train_fit, "train/loss_spread": self.train_spread})
 
     def _eval_step(self, batch, metrics: _DistributionMetrics, prefix: str) -> None:
         x, y = self._split(batch)
