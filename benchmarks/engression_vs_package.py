@@ -20,6 +20,8 @@ score ``E|Y - S| - E|S - S'| / 2`` of 100 samples per point against the observed
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import sys
 import time
@@ -38,7 +40,8 @@ def _peer(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int):
     from engression import Engressor
 
     torch.manual_seed(seed)
-    model = Engressor(1, 1, num_epochs=epochs, batch_size=1000, lr=1e-4, standardize=True, verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Running on CPU." whatever verbose says
+        model = Engressor(1, 1, num_epochs=epochs, batch_size=1000, lr=1e-4, standardize=True, verbose=False)
     start = time.perf_counter()
     model.train(x, y, num_epochs=epochs, batch_size=1000, verbose=False)
     return model, time.perf_counter() - start
