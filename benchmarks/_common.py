@@ -6,12 +6,13 @@ import logging
 import os
 import shlex
 import sys
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
-from reprozoo._files import data_root
+from reprozoo._files import data_root, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 # The first words of the message of a benchmark stopped for missing data (exit status 2): run_all.py reports such a
@@ -76,3 +77,24 @@ def quiet_lightning(offline: bool = True) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     if offline:
         os.environ.setdefault("REPROZOO_OFFLINE", "1")
+
+
+def run_grid(run_one, jobs: list, *, workers: int, line, out: Path, stem: str, make_table, make_figure, args) -> None:
+    """Run ``run_one`` over ``jobs`` in ``workers`` processes (printing ``line(result)`` as each ends, with its
+    number), then write ``out/<stem>.md`` (``make_table(results, args)``) and ``out/<stem>.png``
+    (``make_figure(results, args, path)``) and print the table: the shape the grid benchmarks share."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    start = time.perf_counter()
+    results = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for k, result in enumerate(pool.map(run_one, jobs), 1):
+            results.append(result)
+            print(f"[{k}/{len(jobs)}] {line(result)} ({result['seconds']:.0f} s)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    table = make_table(results, args)
+    write_atomic(out / f"{stem}.md", (table + "\n").encode())
+    make_figure(results, args, out / f"{stem}.png")
+    print()
+    print(table)
+    print(f"\nwrote {out / (stem + '.md')} and {out / (stem + '.png')} in {time.perf_counter() - start:.0f} s")

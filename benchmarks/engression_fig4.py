@@ -20,10 +20,11 @@ import argparse
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from reprozoo._files import save_figure, write_atomic
+from _common import run_grid
+
+from reprozoo._files import save_figure
 
 FUNCTIONS = ["softplus", "square", "cubic", "log"]
 METHODS = {"engression": "energy", "L1": "l1", "L2": "l2"}
@@ -192,24 +193,19 @@ def main() -> None:
         for seed in range(args.seeds)
         for method in METHODS
     ]
-    start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = []
-        for k, result in enumerate(pool.map(run_one, jobs), 1):
-            results.append(result)
-            print(
-                f"[{k}/{len(jobs)}] {result['function']:<8} {result['noise']:<4} seed {result['seed']} "
-                f"{result['method']:<10} MAE in {result['mae_in']:.3f} out {result['mae_out']:.3f} ({result['seconds']:.0f} s)",
-                flush=True,
-            )
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = make_table(results, args)
-    write_atomic(args.out / "engression_fig4.md", (table + "\n").encode())
-    make_figure(results, args, args.out / "engression_fig4.png")
-    print()
-    print(table)
-    print(
-        f"\nwrote {args.out / 'engression_fig4.md'} and {args.out / 'engression_fig4.png'} in {time.perf_counter() - start:.0f} s"
+    run_grid(
+        run_one,
+        jobs,
+        workers=args.jobs,
+        line=lambda r: (
+            f"{r['function']:<8} {r['noise']:<4} seed {r['seed']} {r['method']:<10} MAE in {r['mae_in']:.3f} "
+            f"out {r['mae_out']:.3f}"
+        ),
+        out=args.out,
+        stem="engression_fig4",
+        make_table=make_table,
+        make_figure=make_figure,
+        args=args,
     )
 
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from _common import run_grid
 from engression_fig4 import FUNCTIONS, run_one
 
-from reprozoo._files import save_figure, write_atomic
+from reprozoo._files import save_figure
 
 NOISES = ["pre", "post"]
 
@@ -96,25 +95,19 @@ def main() -> None:
         for m in args.m
         for seed in range(args.seeds)
     ]
-    start = time.perf_counter()
-    results = []
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for k, r in enumerate(pool.map(run_one, jobs), 1):
-            results.append(r)
-            print(
-                f"[{k}/{len(jobs)}] {r['noise']:<4} m {r['m']:<3} seed {r['seed']} MAE in {r['mae_in']:.3f} "
-                f"out {r['mae_out']:.3f} energy {r['energy_score']:.3f} ({r['seconds']:.0f} s)",
-                flush=True,
-            )
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = make_table(results, args)
-    write_atomic(args.out / "engression_study.md", (table + "\n").encode())
-    make_figure(results, args, args.out / "engression_study.png")
-    print()
-    print(table)
-    print(
-        f"\nwrote {args.out / 'engression_study.md'} and {args.out / 'engression_study.png'} "
-        f"in {time.perf_counter() - start:.0f} s"
+    run_grid(
+        run_one,
+        jobs,
+        workers=args.jobs,
+        line=lambda r: (
+            f"{r['noise']:<4} m {r['m']:<3} seed {r['seed']} MAE in {r['mae_in']:.3f} out {r['mae_out']:.3f} "
+            f"energy {r['energy_score']:.3f}"
+        ),
+        out=args.out,
+        stem="engression_study",
+        make_table=make_table,
+        make_figure=make_figure,
+        args=args,
     )
 
 
