@@ -62,6 +62,19 @@ MNIST_TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 
 
+GOAL_PREFIX = "goal: "  # = run_all.GOAL_PREFIX: run_all.py gathers these lines into the report's table of goals
+
+
+def goal_line(what: str, value: float, goal: float, *, unit: str = "x", at_most: bool = False) -> str:
+    """One printed line stating a measured ratio against its goal (``value >= goal``, or ``<=`` with ``at_most``),
+    e.g. ``goal: TENT, official / ours through the Trainer = 1.23x (goal >= 1.2x): met``. ``run_all.py`` collects
+    such lines from every benchmark's output into the table of goals at the top of REPORT.md."""
+    met = value <= goal if at_most else value >= goal
+    return f"{GOAL_PREFIX}{what} = {value:.3g}{unit} (goal {'<=' if at_most else '>='} {goal:g}{unit}): " + (
+        "met" if met else "NOT met"
+    )
+
+
 def quiet_lightning(offline: bool = True) -> None:
     """Silence Lightning's per-run banners and the warnings that small CPU runs always trigger; by default never
     download (the benchmarks read local data)."""

@@ -27,7 +27,7 @@ import sys
 import time
 
 import torch
-from _common import MISSING_DATA, quiet_lightning
+from _common import MISSING_DATA, goal_line, quiet_lightning
 
 from reprozoo.datamodules import SyntheticRegressionDataModule
 from reprozoo.methods import EngressionRegressor
@@ -163,6 +163,9 @@ def main() -> None:
         f"the energy scores come from one final model each (seed {args.seed + args.rounds - 1}), "
         "scored by the same function"
     )
+    print(goal_line("engression, package / ours per epoch through the Trainer (best)", ratio, GOAL))
+    es_ours, es_package = scores["ours (Trainer)"][0], scores["package"][0]
+    print(goal_line("engression, energy score package / ours (equal or better: >= 1)", es_package / es_ours, 1.0))
 
 
 if __name__ == "__main__":

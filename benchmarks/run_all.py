@@ -3,8 +3,9 @@
 Each benchmark runs as its own process (``python benchmarks/<name>.py <arguments>``) with the settings below, its
 figures and tables going to ``benchmarks/report/<name>/`` (the full-size results in ``benchmarks/results/`` are left
 alone); its printed tables are collected into ``benchmarks/REPORT.md`` with the machine, the date, the command and
-the wall time of each. A benchmark that fails is reported as failed with the end of its output, and the others
-still run; the exit status is non-zero when any failed.
+the wall time of each, and the lines where a benchmark states a measured ratio against its goal (``goal: ...``,
+printed by ``_common.goal_line``) into a table of goals at the top. A benchmark that fails is reported as failed
+with the end of its output, and the others still run; the exit status is non-zero when any failed.
 
 Real data comes from the data root, ``$REPROZOO_DATA`` (default ``~/.cache/reprozoo/data``; see docs/data.md),
 passed on to every benchmark (as an absolute path). A benchmark whose data is not there stops with a one-line
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +35,8 @@ from reprozoo._files import data_root, write_atomic
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
 MISSING_DATA = "missing data:"  # = _common.MISSING_DATA (tests load this file without benchmarks/ on sys.path)
+GOAL_PREFIX = "goal: "  # = _common.GOAL_PREFIX: the lines of goal_line(), gathered into the table of goals
+_GOAL = re.compile(r"^goal: (?P<what>.+?) = (?P<value>.+?) \(goal (?P<goal>[^)]+)\): (?P<met>met|NOT met)$")
 REQUIRE_DATA = os.environ.get("REPROZOO_REQUIRE_DATA", "").strip().lower() in {"1", "true", "yes", "on"}
 
 # name -> (what it measures, arguments at a CPU-sized setting; "{out}" is the benchmark's output folder)
@@ -55,7 +59,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
         "TRM's streaming carry vs the whole-batch loop: new puzzles per step, accuracy at equal steps",
         ["--steps", "600", "--out", "{out}"],
     ),
-    "frobenius_overhead": ("FrobeniusNormMonitor overhead per training step", ["--steps", "150", "--rounds", "3"]),
+    "frobenius_overhead": (
+        "FrobeniusNormMonitor overhead per training step, MLPs and CNNs, every 1 and 50 steps",
+        ["--steps", "100", "--rounds", "3"],
+    ),
     "landscape_speed": (
         "LossLandscape: batched / looped / classic grid evaluation",
         ["--resolution", "11", "--batches", "2", "--skip-frobenius"],
@@ -128,6 +135,23 @@ def run(name: str, args: list[str], out: Path) -> tuple[str, float, str]:
     return status, seconds, text.replace(str(ROOT) + os.sep, "").replace(env["REPROZOO_DATA"], "$REPROZOO_DATA")
 
 
+def goals_table(outputs: dict[str, str]) -> list[str]:
+    """The report's table of goals: one row per ``goal: ...`` line a benchmark printed (see _common.goal_line)."""
+    rows = []
+    for name, text in outputs.items():
+        for line in text.splitlines():
+            match = _GOAL.match(line.strip())
+            if match:
+                rows.append(
+                    f"| {name} | {match['what']} | {match['value']} | {match['goal']} | "
+                    + ("met" if match["met"] == "met" else "**not met**")
+                    + " |"
+                )
+    if not rows:
+        return []
+    return ["## Goals", "", "| benchmark | measured | value | goal | |", "|---|---|---|---|---|", *rows, ""]
+
+
 def _demote_headings(text: str) -> str:
     """A benchmark's own markdown headings become subsections of its section."""
     return "\n".join("###" + line.lstrip("#") if line.startswith("#") else line for line in text.splitlines())
@@ -147,6 +171,7 @@ def main() -> int:
     names = args.only or list(BENCHMARKS)
     started = time.strftime("%Y-%m-%d %H:%M")
     sections, failed, skipped = [], [], []
+    outputs: dict[str, str] = {}
     for name in names:
         what, bench_args = BENCHMARKS[name]
         out = args.out / name
@@ -159,6 +184,8 @@ def main() -> int:
             print(f"[run_all] {name}: {'ok' if status == 'ok' else 'FAILED'} in {seconds:.0f} s", flush=True)
         if status == "failed":
             failed.append(name)
+        elif status == "ok":
+            outputs[name] = text
         shown_args = " ".join(a.replace("{out}", f"benchmarks/report/{name}") for a in bench_args)
         # A skipped benchmark wrote nothing: figures in its folder are an older run's.
         figures = [] if status == "skipped" else sorted(p.relative_to(args.report.parent) for p in out.glob("*.png"))
@@ -184,7 +211,7 @@ def main() -> int:
         + (f", skipped for missing data: {', '.join(skipped)}." if skipped else "."),
         "",
     ]
-    write_atomic(args.report, ("\n".join(header + sections) + "\n").encode())
+    write_atomic(args.report, ("\n".join(header + goals_table(outputs) + sections) + "\n").encode())
     print(f"[run_all] wrote {args.report}")
     if skipped and REQUIRE_DATA:
         print(f"[run_all] REPROZOO_REQUIRE_DATA is set: the skipped {', '.join(skipped)} count as failures")

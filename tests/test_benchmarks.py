@@ -92,3 +92,29 @@ def test_engression_vs_package_benchmark_prints_its_table():
     assert "parameters: package 10,501, ours 10,501" in done.stdout
     for row in ("| package |", "| ours (Trainer) |", "| limit (torch ops only) |", "package / ours through"):
         assert row in done.stdout
+
+
+def test_goal_lines_reach_the_table_of_goals():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _common import GOAL_PREFIX, goal_line
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    run_all = _run_all()
+    assert GOAL_PREFIX == run_all.GOAL_PREFIX
+    printed = "\n".join(
+        [
+            "| a table row |",
+            goal_line("speed-up over the peer", 1.234, 1.2),
+            goal_line("overhead per step", 2.5, 2.0, unit=" %", at_most=True),
+        ]
+    )
+    assert goal_line("overhead per step", 1.5, 2.0, unit=" %", at_most=True).endswith(": met")
+    table = run_all.goals_table({"bench": printed, "quiet": "no goals here"})
+    assert table[3:] == [
+        "|---|---|---|---|---|",
+        "| bench | speed-up over the peer | 1.23x | >= 1.2x | met |",
+        "| bench | overhead per step | 2.5 % | <= 2 % | **not met** |",
+        "",
+    ]
+    assert run_all.goals_table({"quiet": "nothing"}) == []

@@ -304,3 +304,51 @@ def test_tensor_norms_match_an_independent_computation():
     # Half precision: a float32 result, no float16 overflow (this norm is above 65504).
     half = [torch.full((100,), 1000.0, dtype=torch.float16)]
     assert tensor_norms(half).dtype == torch.float32 and tensor_norms(half).item() == pytest.approx(10000.0)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_tensor_norms_of_mixed_dtypes_keep_the_order(monkeypatch, foreach):
+    # Grouped by dtype for the multi-tensor kernel, the norms must come back in the order of the tensors; the
+    # per-tensor fallback (a torch without torch._foreach_norm) gives the same values.
+    monkeypatch.setattr("reprozoo.callbacks.frobenius._FOREACH", foreach)
+    tensors = [
+        torch.randn(4, 4).t(),  # not contiguous
+        torch.randn(6, dtype=torch.float64),
+        torch.randn(3, dtype=torch.bfloat16),
+        torch.randn(2, 2),
+        torch.randn(5, dtype=torch.complex64),
+        torch.randn(10, 3).to_sparse(),  # a sparse gradient
+    ]
+    want = [
+        torch.linalg.vector_norm(t.to_dense().to(torch.complex128 if t.is_complex() else torch.float64))
+        for t in tensors
+    ]
+    got = tensor_norms(tensors)
+    assert got.shape == (len(tensors),)
+    assert torch.allclose(got.double(), torch.stack(want).double(), rtol=1e-5)  # bfloat16 summed in float32
+
+
+def test_history_is_stored_as_rows_and_reads_checkpoints_of_the_list_form(tmp_path):
+    monitor = FrobeniusNormMonitor(every_n_steps=1, log_grad_norm=True, plot=False)
+    fit(tmp_path, [monitor], max_epochs=1)
+    state = monitor.state_dict()["history"]
+    # One label tuple for the weights and one for the gradients, shared by all rows: no dict of keys per step.
+    assert len(state["labels"]) == 2 and len(state["rows"]) == STEPS_PER_EPOCH
+    entries = list(monitor.history)
+    assert monitor.history[-2:] == entries[-2:] and monitor.history[-1] == entries[-1]
+    # A checkpoint written when the history was a list of dicts loads into the same history.
+    old = FrobeniusNormMonitor(every_n_steps=1, log_grad_norm=True)
+    old.load_state_dict({"history": entries, "initial": None})
+    assert old.history == monitor.history and list(old.history) == entries
+    assert old.history != entries[:-1]
+
+
+def test_trainable_only_follows_unfreezing_between_measurements(tmp_path):
+    class Unfreeze(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.proj.bias.requires_grad_(trainer.current_epoch == 1)
+
+    monitor = FrobeniusNormMonitor(trainable_only=True, plot=False)
+    _, model = fit(tmp_path, [Unfreeze(), monitor])
+    assert "proj.bias" not in monitor.history[0]["norms"] and "proj.bias" in monitor.history[1]["norms"]
+    assert_close(monitor.history[1]["norms"], expected(model.epoch_weights[1], trainable_only=True))

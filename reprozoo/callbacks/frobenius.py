@@ -3,6 +3,8 @@ and weight decay act on) can be watched during training of any LightningModule, 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,32 +15,41 @@ from lightning.pytorch.utilities import rank_zero_only
 from reprozoo._files import save_figure
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FOREACH = hasattr(torch, "_foreach_norm")  # torch's multi-tensor norm kernel, what clip_grad_norm_ runs on
 
 
 def tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The Frobenius (entry-wise L2) norm of each tensor, as one 1-d tensor on the device of the first one.
 
     No host synchronisation: the caller decides when to read the values back. Half-precision tensors are reduced to
-    a float32 result, because a bfloat16/float16 norm loses digits and a float16 one overflows past 65504. One kernel
-    launch per tensor (``torch.linalg.vector_norm``): torch's fused multi-tensor norm is a private API."""
-    dense = [t.coalesce().values() if t.layout == torch.sparse_coo else t for t in tensors]  # sparse grads
-    # Half-precision tensors get a float32 result, and the others keep their own dtype, also in a model that mixes them.
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(dense):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    norms: list[torch.Tensor | None] = [None] * len(dense)
-    for dtype, indices in by_dtype.items():
-        group = [dense[i] for i in indices]
-        for i, norm in zip(indices, _group_norms(group, torch.float32 if dtype in _LOW_PRECISION else None)):
+    a float32 result, because a bfloat16/float16 norm loses digits and a float16 one overflows past 65504; other
+    dtypes keep their own (float64 stays float64). Tensors of one device and dtype go through torch's multi-tensor
+    norm (``torch._foreach_norm``: a few kernel launches for all of them on a GPU, one call on the CPU) when this
+    torch has it, else one ``torch.linalg.vector_norm`` each."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    dense = []
+    for i, t in enumerate(tensors):
+        if t.layout == torch.sparse_coo:  # sparse gradients (nn.Embedding(sparse=True))
+            t = t.coalesce().values()
+        dense.append(t)
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    if len(groups) == 1:  # the common case: no reordering
+        ((_, dtype),) = groups
+        return torch.stack(_group_norms(dense, dtype))
+    norms: list[torch.Tensor] = [None] * len(dense)  # type: ignore[list-item]
+    for (_, dtype), indices in groups.items():
+        for i, norm in zip(indices, _group_norms([dense[i] for i in indices], dtype)):
             norms[i] = norm
     device = norms[0].device
-    if any(n.device != device for n in norms):  # model parallel: gather the scalars on one device, still no sync
-        norms = [n.to(device) for n in norms]
-    return torch.stack(norms)  # promotes to the widest dtype (float64 stays float64)
+    # Model parallel: the scalars are gathered on one device, still without a sync; stack promotes to the widest dtype.
+    return torch.stack([n.to(device) for n in norms])
 
 
-def _group_norms(tensors: list[torch.Tensor], out_dtype: torch.dtype | None) -> list[torch.Tensor]:
-    """The norms of tensors of one dtype, as ``out_dtype`` (None: theirs)."""
+def _group_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The norms of tensors of one device and ``dtype``."""
+    out_dtype = torch.float32 if dtype in _LOW_PRECISION else None
+    if _FOREACH and not dtype.is_complex:
+        return list(torch._foreach_norm(tensors, 2, dtype=out_dtype))
     return [torch.linalg.vector_norm(t, dtype=out_dtype) for t in tensors]
 
 
@@ -46,6 +57,104 @@ def _module_of(name: str) -> str:
     """The module that owns parameter ``name`` (``layer1.0.weight`` -> ``layer1.0``). A parameter of the root
     module keeps its own name: a module cannot have a parameter and a child of the same name, so no clash."""
     return name.rpartition(".")[0] or name
+
+
+class _Layout:
+    """How a vector of per-tensor norms becomes the logged values, worked out once per selection of tensors: the
+    labels (per tensor or per module, then ``total``), the position of each tensor's group, and the logged keys."""
+
+    def __init__(self, names: tuple[str, ...], group_by_module: bool):
+        self.names = names
+        keys = [_module_of(n) for n in names] if group_by_module else list(names)
+        labels = list(dict.fromkeys(keys))
+        position = {label: i for i, label in enumerate(labels)}
+        self.index = None if len(labels) == len(names) else [position[k] for k in keys]
+        self.labels = (*labels, "total")
+        self._keys: dict[str, tuple[str, ...]] = {}
+
+    def values(self, norms: list[float]) -> list[float]:
+        """``[norm per label..., total]`` from the per-tensor norms: a sum of squares per group on the host (float64),
+        which costs less than the device ops it replaces for any number of tensors a model has."""
+        if self.index is None:
+            return [*norms, math.sqrt(math.fsum(n * n for n in norms))]
+        squares = [0.0] * (len(self.labels) - 1)
+        for i, n in zip(self.index, norms):
+            squares[i] += n * n
+        return [*map(math.sqrt, squares), math.sqrt(math.fsum(squares))]
+
+    def keys(self, prefix: str) -> tuple[str, ...]:
+        if prefix not in self._keys:
+            self._keys[prefix] = tuple(f"{prefix}/{label}" for label in self.labels)
+        return self._keys[prefix]
+
+
+class _History(Sequence):
+    """The measurements, one ``{"step", "epoch", "norms"[, "grad_norms"]}`` dict each, stored compactly: a row of
+    floats per measurement plus its labels, shared by all rows with the same selection (a dict of a few hundred
+    keys per step would grow by megabytes an hour when logging every step). Dicts are built when read."""
+
+    def __init__(self) -> None:
+        self._labels: list[tuple[str, ...]] = []  # distinct label tuples
+        self._label_ids: dict[tuple[str, ...], int] = {}
+        self._rows: list[tuple[int, int, int, list[float], int | None, list[float] | None]] = []
+
+    def _label_id(self, labels: tuple[str, ...]) -> int:
+        if labels not in self._label_ids:
+            self._label_ids[labels] = len(self._labels)
+            self._labels.append(labels)
+        return self._label_ids[labels]
+
+    def append(self, step: int, epoch: int, labels, values, grad_labels=None, grad_values=None) -> None:
+        grad_id = None if grad_labels is None else self._label_id(grad_labels)
+        self._rows.append((step, epoch, self._label_id(labels), values, grad_id, grad_values))
+
+    def _entry(self, row) -> dict[str, Any]:
+        step, epoch, label_id, values, grad_id, grad_values = row
+        entry = {"step": step, "epoch": epoch, "norms": dict(zip(self._labels[label_id], values))}
+        if grad_id is not None:
+            entry["grad_norms"] = dict(zip(self._labels[grad_id], grad_values))
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._entry(r) for r in self._rows[i]]
+        return self._entry(self._rows[i])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self._entry(r) for r in self._rows)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"_History({len(self)} measurements)"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": [list(labels) for labels in self._labels], "rows": [list(r) for r in self._rows]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | list[dict[str, Any]]) -> _History:
+        """From :meth:`state_dict`, or from the list of dicts that checkpoints written before the compact form hold."""
+        history = cls()
+        if isinstance(state, dict):
+            history._labels = [tuple(labels) for labels in state["labels"]]
+            history._label_ids = {labels: i for i, labels in enumerate(history._labels)}
+            history._rows = [tuple(r) for r in state["rows"]]
+            return history
+        for entry in state:
+            grads = entry.get("grad_norms")
+            history.append(
+                entry["step"],
+                entry["epoch"],
+                tuple(entry["norms"]),
+                list(entry["norms"].values()),
+                None if grads is None else tuple(grads),
+                None if grads is None else list(grads.values()),
+            )
+        return history
 
 
 class FrobeniusNormMonitor(L.Callback):
@@ -56,15 +165,16 @@ class FrobeniusNormMonitor(L.Callback):
     It makes no assumption about the LightningModule: it reads ``pl_module.named_parameters()``, which yields a
     parameter shared under several names (tied weights) once, under its first name, so a shared tensor counts once
     in the total. Buffers (BatchNorm running statistics) are not parameters and are not included. Frozen parameters
-    (``requires_grad=False``) are included unless ``trainable_only=True``; the selection is made at each
-    measurement, so unfreezing during training shows up. Integer parameters are skipped. Any dtype works: float64
+    (``requires_grad=False``) are included unless ``trainable_only=True``; ``requires_grad`` is read at each
+    measurement, so unfreezing during training shows up, and the parameters themselves at the start of ``fit`` and
+    of each epoch (a module added mid-epoch is measured from the next one). Integer parameters are skipped. Any dtype works: float64
     norms are float64, bfloat16/float16 ones are accumulated in float32.
 
     Values are written straight to every logger of the trainer (``logger.log_metrics(values, step=global_step)``,
     on rank zero), not through ``pl_module.log``: Lightning's per-key bookkeeping would cost more than the
     measurement, and it would repeat step values at later logging steps. They are also kept in :attr:`history` (a
-    list of ``{"step", "epoch", "norms"[, "grad_norms"]}`` dicts), saved in checkpoints, so a run without a
-    logger, or a resumed one, still has the full record. They do not appear in ``trainer.callback_metrics``.
+    sequence of ``{"step", "epoch", "norms"[, "grad_norms"]}`` dicts, stored as rows of floats and built when read),
+    saved in checkpoints, so a run without a logger, or a resumed one, still has the full record. They do not appear in ``trainer.callback_metrics``.
 
     Args:
         every_n_steps: measure every N optimizer steps (at the end of the batch whose step made ``global_step`` a
@@ -78,12 +188,15 @@ class FrobeniusNormMonitor(L.Callback):
             parameters without a gradient are skipped. In epoch mode the gradient of the last step of the epoch.
         plot: at the end of ``fit``, draw one bar per parameter (or module) with the total as a horizontal line
             (next to it, a lighter bar with the norm at the start of training, when the run started from step 0:
-            the tutorial's before/after comparison; kept in :attr:`initial`, not logged), save it as ``<log_dir or default_root_dir>/frobenius_norm/norms_epoch<k>.png`` and send it to every
-            logger whose ``experiment`` has ``add_figure`` (TensorBoard).
+            the tutorial's before/after comparison; kept in :attr:`initial`, not logged), save it as
+            ``<log_dir or default_root_dir>/frobenius_norm/norms_epoch<k>.png`` and send it to every logger whose
+            ``experiment`` has ``add_figure`` (TensorBoard).
         log_scale: a logarithmic y axis for that figure (norms of biases and weights differ by decades).
 
-    Cost: one norm kernel per tensor, a few vector ops and ONE device-to-host copy per measurement; nothing is
-    modified (see ``benchmarks/frobenius_overhead.py``). Under sharded strategies (FSDP, DeepSpeed stage 3) each
+    Cost per measurement: torch's multi-tensor norm over the parameters (one pass over the weights, the
+    unavoidable work), ONE device-to-host copy of the per-tensor norms, then the totals and module groups as sums
+    of squares on the host and one ``log_metrics`` call per logger; nothing is modified. About 1 % of a training step
+    of a 1M-parameter MLP on a 2-core CPU when measuring every step (``benchmarks/frobenius_overhead.py``). Under sharded strategies (FSDP, DeepSpeed stage 3) each
     rank measures its own shard.
     A parameter or module literally named ``total`` would be shadowed by the total.
     """
@@ -109,57 +222,55 @@ class FrobeniusNormMonitor(L.Callback):
         self.log_grad_norm = log_grad_norm
         self.plot = plot
         self.log_scale = log_scale
-        self.history: list[dict[str, Any]] = []
+        self.history = _History()
         self.initial: dict[str, Any] | None = None  # the norms before the first step (a run from step 0)
-        self._pending_grad: tuple[int, list[str], torch.Tensor] | None = None  # (step it leads to, labels, norms)
+        self._pending_grad: tuple[int, _Layout, torch.Tensor] | None = None  # (step it leads to, layout, norms)
         self._last_step: int | None = None
         self._last_epoch: int | None = None
-        self._groups: tuple[tuple[str, ...], torch.device, list[str], torch.Tensor] | None = None
+        self._layouts: dict[tuple[str, ...], _Layout] = {}
+        self._state_key: tuple[tuple, str] | None = None
+        self._named: list[tuple[str, torch.Tensor]] | None = None  # the model's parameters, read once per epoch
 
     @property
     def state_key(self) -> str:
         # Two monitors with different selections can run side by side and keep separate histories in a checkpoint.
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            trainable_only=self.trainable_only,
-            group_by_module=self.group_by_module,
-            log_grad_norm=self.log_grad_norm,
-        )
+        # Lightning reads the key at every hook call (to name the profiler's section): built once per setting.
+        settings = (self.every_n_steps, self.trainable_only, self.group_by_module, self.log_grad_norm)
+        if self._state_key is None or self._state_key[0] != settings:
+            key = self._generate_state_key(
+                **dict(zip(("every_n_steps", "trainable_only", "group_by_module", "log_grad_norm"), settings))
+            )
+            self._state_key = (settings, key)
+        return self._state_key[1]
 
     # ---- measuring -------------------------------------------------------------------------------------------
 
-    def _reduce(self, names: list[str], norms: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-        """Labels and ``[norm per entry..., total]`` on the device, from the per-tensor norms."""
-        squares = norms.square()
-        total = squares.sum().sqrt().view(1)
-        if not self.group_by_module:
-            return names, torch.cat([norms, total])
-        keys = tuple(_module_of(n) for n in names)
-        # The index tensor is cached: building it each time would be a host-to-device copy per measurement.
-        if self._groups is None or self._groups[0] != keys or self._groups[1] != norms.device:
-            labels = list(dict.fromkeys(keys))
-            position = {label: i for i, label in enumerate(labels)}
-            index = torch.tensor([position[k] for k in keys], device=norms.device)
-            self._groups = (keys, norms.device, labels, index)
-        _, _, labels, index = self._groups
-        groups = torch.zeros(len(labels), dtype=squares.dtype, device=squares.device).index_add_(0, index, squares)
-        return labels, torch.cat([groups.sqrt(), total])
+    def _layout(self, names: tuple[str, ...]) -> _Layout:
+        layout = self._layouts.get(names)
+        if layout is None:
+            layout = self._layouts[names] = _Layout(names, self.group_by_module)
+        return layout
 
-    def _measure(self, named: list[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor] | None:
+    def _measure(self, named: list[tuple[str, torch.Tensor]]) -> tuple[_Layout, torch.Tensor] | None:
+        """The layout of ``named`` and the per-tensor norms, still on the device."""
         if not named:
             return None
         with torch.no_grad():
-            names = [n for n, _ in named]
-            return self._reduce(names, tensor_norms([t.detach() for _, t in named]))
+            return self._layout(tuple(n for n, _ in named)), tensor_norms([t for _, t in named])
+
+    def _read_parameters(self, pl_module: L.LightningModule) -> None:
+        # named_parameters() removes duplicates: a tied/shared tensor appears once, under its first name. Integer
+        # parameters (frozen lookup tables, counters) are no weights to watch, and torch has no norm of them. Read
+        # at the start of fit and of each epoch, not at each measurement: walking the module tree costs more than
+        # the norms of a small model.
+        self._named = [(n, p) for n, p in pl_module.named_parameters() if p.is_floating_point() or p.is_complex()]
 
     def _parameters(self, pl_module: L.LightningModule) -> list[tuple[str, torch.Tensor]]:
-        # named_parameters() removes duplicates: a tied/shared tensor appears once, under its first name. Integer
-        # parameters (frozen lookup tables, counters) are no weights to watch, and torch has no norm of them.
-        return [
-            (n, p)
-            for n, p in pl_module.named_parameters()
-            if (p.is_floating_point() or p.is_complex()) and (p.requires_grad or not self.trainable_only)
-        ]
+        if self._named is None:
+            self._read_parameters(pl_module)
+        if not self.trainable_only:
+            return self._named
+        return [(n, p) for n, p in self._named if p.requires_grad]  # checked each time: unfreezing shows up
 
     def _gradients(self, pl_module: L.LightningModule) -> list[tuple[str, torch.Tensor]]:
         return [(n, p.grad) for n, p in self._parameters(pl_module) if p.grad is not None]
@@ -170,24 +281,31 @@ class FrobeniusNormMonitor(L.Callback):
         weights = self._measure(self._parameters(pl_module))
         if weights is None:
             return
-        parts = [("frobenius_norm", *weights)]
+        layout, vec = weights
         pending, self._pending_grad = self._pending_grad, None
         if pending is not None and (on_step is False or pending[0] == step):
-            parts.append(("frobenius_norm_grad", pending[1], pending[2]))
-        device = weights[1].device
-        values = torch.cat([vec.to(device) for _, _, vec in parts]).cpu()  # the one host sync
-        floats = values.tolist()
-        entry: dict[str, Any] = {"step": step, "epoch": trainer.current_epoch}
-        metrics: dict[str, float] = {}
-        start = 0
-        for prefix, labels, _vec in parts:
-            keys = [*labels, "total"]
-            values_of_part = dict(zip(keys, floats[start : start + len(keys)]))
-            entry["norms" if prefix == "frobenius_norm" else "grad_norms"] = values_of_part
-            metrics.update({f"{prefix}/{k}": v for k, v in values_of_part.items()})
-            start += len(keys)
-        self.history.append(entry)
-        self._log(trainer, metrics, step)
+            grad_layout, grad_vec = pending[1], pending[2]
+            floats = torch.cat([vec, grad_vec.to(vec.device)]).tolist()  # the one host sync
+            values, grad_values = layout.values(floats[: len(vec)]), grad_layout.values(floats[len(vec) :])
+        else:
+            grad_layout = grad_values = None
+            values = layout.values(vec.tolist())  # the one host sync
+        self.history.append(
+            step, trainer.current_epoch, layout.labels, values, grad_layout and grad_layout.labels, grad_values
+        )
+        if trainer.loggers:  # no dict of keys to build for a run without a logger
+            metrics = dict(zip(layout.keys("frobenius_norm"), values))
+            if grad_layout is not None:
+                metrics.update(zip(grad_layout.keys("frobenius_norm_grad"), grad_values))
+            self._log(trainer, metrics, step)
+
+    def _norms_now(self, pl_module: L.LightningModule) -> dict[str, float] | None:
+        """The norms of the weights now, as ``{label: value}``, outside the logged history."""
+        measured = self._measure(self._parameters(pl_module))
+        if measured is None:
+            return None
+        layout, vec = measured
+        return dict(zip(layout.labels, layout.values(vec.tolist())))
 
     @rank_zero_only
     def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -200,11 +318,14 @@ class FrobeniusNormMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step  # a batch that does not step (gradient accumulation) logs nothing
         self._pending_grad = None
+        self._read_parameters(pl_module)
         if trainer.global_step == 0 and self.plot:
-            measured = self._measure(self._parameters(pl_module))
-            if measured is not None:
-                labels, vec = measured
-                self.initial = {"step": 0, "epoch": 0, "norms": dict(zip([*labels, "total"], vec.tolist()))}
+            norms = self._norms_now(pl_module)
+            if norms is not None:
+                self.initial = {"step": 0, "epoch": 0, "norms": norms}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read_parameters(pl_module)  # a module added or replaced between epochs is measured from then on
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if not self.log_grad_norm:
@@ -242,10 +363,10 @@ class FrobeniusNormMonitor(L.Callback):
     # ---- state ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(e) for e in self.history], "initial": self.initial}
+        return {"history": self.history.state_dict(), "initial": self.initial}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [dict(e) for e in state_dict.get("history", [])]
+        self.history = _History.from_state(state_dict.get("history", []))
         self.initial = state_dict.get("initial")
 
     # ---- figure --------------------------------------------------------------------------------------------
@@ -254,12 +375,11 @@ class FrobeniusNormMonitor(L.Callback):
         """The last recorded norms if they are those of the final weights, otherwise a fresh (unlogged) measurement."""
         if self.history and self.history[-1]["step"] == trainer.global_step:
             return self.history[-1]
-        measured = self._measure(self._parameters(pl_module))
-        if measured is None:
+        norms = self._norms_now(pl_module)
+        if norms is None:
             return None
-        labels, vec = measured
         epoch = self._last_epoch if self._last_epoch is not None else trainer.current_epoch
-        return {"step": trainer.global_step, "epoch": epoch, "norms": dict(zip([*labels, "total"], vec.tolist()))}
+        return {"step": trainer.global_step, "epoch": epoch, "norms": norms}
 
     def figure(self, entry: dict[str, Any], initial: dict[str, Any] | None = None):
         """The tutorial's "weight size" plot of one :attr:`history` entry: a bar per parameter (or module) and the
