@@ -12,6 +12,11 @@ passed on to every benchmark (as an absolute path). A benchmark whose data is no
 ``missing data:`` message (exit status 2); it is reported as skipped with that reason, and does not make the exit
 status non-zero, unless ``REPROZOO_REQUIRE_DATA=1`` (as in CI) makes a skip a failure.
 
+The comparisons with other people's code import it from checkouts named by environment variables (never vendored):
+``TRM_OFFICIAL`` (SamsungSAILMontreal/TinyRecursiveModels) and ``TENT_OFFICIAL`` (DequanWang/tent), without which
+those benchmarks are skipped, and ``TORCHNCA_DIR`` (the unpacked torchnca 0.1.1 sdist), without which nca_knn leaves
+its torchnca row out; the ``engression`` package and ``faiss`` come with the ``dev`` extra.
+
     python benchmarks/run_all.py                     # all of them, about 10-15 minutes on 2 CPU cores
     python benchmarks/run_all.py --only nca_knn tent_cifar10c
     python benchmarks/run_all.py --list
@@ -98,6 +103,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
             ),
             *("--grid-lrs", "0.001", "0.01", "--grid-batches", "50", "200"),
         ],
+    ),
+    "tent_vs_official": (
+        "TENT vs the official code: same logits, time through the Trainer vs the official code and the limit",
+        ["--images", "1000", "--rounds", "4"],
     ),
     "resume_overhead": (
         "Exact resume: the resumable training loader vs DataLoader, RNG states in checkpoints",

@@ -845,6 +845,36 @@ def test_dataset_pickles_without_its_memory_map(tmp_path):
     assert torch.equal(copy[0][0], ds[0][0])
 
 
+def test_loaders_read_each_batch_at_once_and_equal_the_items_collated(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    make_official(tmp_path, n=10, corruptions=("fog",))
+    clean = {"x": np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), "y": np.arange(10) % 10}
+    np.savez(tmp_path / "clean.npz", **clean)
+    for kwargs in ({}, {"num_examples": 7, "subset": "random", "shuffle": True}, {"normalize": True}):
+        dm = CIFAR10CDataModule(
+            data_dir=str(tmp_path),
+            corruptions=["fog"],
+            severities=[2],
+            batch_size=3,
+            include_clean=True,
+            clean_npz=str(tmp_path / "clean.npz"),
+            **kwargs,
+        )
+        dm.setup()
+        for domain, loader in zip(dm.domains, dm.test_dataloader()):  # a memory-mapped file and an in-memory array
+            expected = list(DataLoader(dm.datasets[domain], batch_size=3))  # default_collate of the items
+            got = list(loader)
+            assert len(got) == len(expected)
+            for (x, y), (ex, ey) in zip(got, expected):
+                assert torch.equal(x, ex) and x.is_contiguous() and torch.equal(y, ey) and y.dtype == ey.dtype
+    ds = dm.datasets["fog-2"]
+    with pytest.raises(IndexError, match="index 10"):
+        ds.get_batch([0, 10])
+    monkeypatch.setattr(CIFAR10CDataset, "__getitem__", lambda self, i: pytest.fail("read item by item"))
+    assert [len(y) for _, y in dm.test_dataloader()[1]] == [3, 3, 3, 1]
+
+
 # ------------------------------------------------------------------ Lightning
 
 

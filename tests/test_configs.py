@@ -75,7 +75,10 @@ def _moved(config: dict) -> dict:
 # {option: default}); and the experiments whose recipe changed on purpose (file -> {dotted key: new value}). Each is
 # in CHANGELOG.md.
 # issue 16: AdamATan2 + sign-SGD next to AdamW; the streaming carry next to the whole-batch loop; torch.compile
-ADDED = {"TRMModule": {"optimizer": "adamw", "training_loop": "whole_batch", "compile": False}}
+ADDED = {
+    "TRMModule": {"optimizer": "adamw", "training_loop": "whole_batch", "compile": False},
+    "TentModule": {"write_summary": True, "channels_last": False, "compile": False},  # issue 20
+}
 _CARRY = {"model.init_args.training_loop": "carry"}  # issue 16: the official streaming carry is the default loop
 CHANGED = {
     "configs/quickstart.yaml": _CARRY,

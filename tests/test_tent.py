@@ -494,3 +494,79 @@ def test_robustbench_shim_loads_a_local_standard_checkpoint_offline(tmp_path):
         assert torch.allclose(load_wide_resnet_checkpoint(path)(x), wrn(x), atol=1e-4)
     module = TentModule("robustbench:Standard", robustbench_dir=str(tmp_path))
     assert module.num_classes == 10 and len(module.adapter.adapted_names) == 50
+
+
+def test_write_summary_false_writes_no_files_and_changes_no_result(tmp_path):
+    dm, source = TwoDomains(), tiny()
+    results, rows = {}, {}
+    for write in (True, False):
+        root = tmp_path / str(write)
+        module = TentModule(copy.deepcopy(source), train_mode="norm", write_summary=write)
+        results[write] = tiny_trainer(root).test(module, datamodule=dm, verbose=False)
+        rows[write] = module.results
+        written = sorted(p.name for p in root.rglob("*") if p.is_file())
+        assert written == (["error_per_domain.png", "summary.csv", "summary.md"] if write else [])
+    assert results[False] == results[True] and rows[False] == rows[True]
+    with pytest.raises(ValueError, match="TentModule: write_summary must be"):
+        TentModule(tiny(), write_summary="no")
+
+
+def _adapted(adapter: TentAdapter, seeds=(1, 2, 3)) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([adapter(batch(seed)) for seed in seeds])
+
+
+def test_channels_last_converts_model_and_inputs_and_adapts_as_the_default_layout(tmp_path):
+    source = tiny(dropout=0.0)
+    plain = TentAdapter(copy.deepcopy(source), train_mode="norm")
+    fast = TentAdapter(copy.deepcopy(source), train_mode="norm", channels_last=True)
+    assert fast.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    fast.model.conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    expected, got = _adapted(plain), _adapted(fast)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+    # Another summation order, the same method: close logits, the same predictions, the same adapted weights.
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5) and torch.equal(got.argmax(1), expected.argmax(1))
+    assert torch.allclose(fast.model.bn.weight, plain.model.bn.weight, atol=1e-5)
+    fast.reset()
+    assert torch.equal(fast.model.bn.weight, source.bn.weight)
+    assert fast.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for mode in ("norm", "source"):
+        a, b = (TentAdapter(copy.deepcopy(source), mode=mode, channels_last=cl) for cl in (False, True))
+        assert torch.allclose(_adapted(a), _adapted(b), rtol=1e-4, atol=1e-5)
+    # Through the Trainer: the option reaches the adapter, the errors are the default layout's.
+    dm = TwoDomains()
+    results = [
+        tiny_trainer(tmp_path).test(
+            TentModule(copy.deepcopy(source), train_mode="norm", write_summary=False, channels_last=cl),
+            datamodule=dm,
+            verbose=False,
+        )
+        for cl in (False, True)
+    ]
+    for default, fast_row in zip(*results):
+        assert default.keys() == fast_row.keys()
+        for key in default:
+            same = pytest.approx(default[key], abs=1e-6) if "entropy" in key else default[key]
+            assert fast_row[key] == same
+    with pytest.raises(ValueError, match="TentAdapter: channels_last must be"):
+        TentAdapter(tiny(), channels_last=1)
+
+
+@pytest.mark.slow
+def test_compile_adapts_as_eager_and_resets(tmp_path):
+    source = tiny(dropout=0.0)
+    eager = TentAdapter(copy.deepcopy(source), train_mode="norm")
+    compiled = TentAdapter(copy.deepcopy(source), train_mode="norm", compile=True)
+    assert torch.allclose(_adapted(compiled), _adapted(eager), rtol=1e-4, atol=1e-5)
+    assert set(compiled.model.state_dict()) == set(eager.model.state_dict())  # no _orig_mod. prefix: reset works
+    compiled.reset()
+    assert torch.equal(compiled.model.bn.weight, source.bn.weight)
+    eager.reset()
+    assert torch.allclose(_adapted(compiled), _adapted(eager), rtol=1e-4, atol=1e-5)
+    module = TentModule(copy.deepcopy(source), train_mode="norm", write_summary=False, compile=True)
+    results = tiny_trainer(tmp_path).test(module, datamodule=TwoDomains(), verbose=False)
+    for i, (name, loader) in enumerate(zip(TwoDomains.domains, TwoDomains().test_dataloader())):
+        assert results[i][f"test/error/{name}"] == pytest.approx(expected_error(copy.deepcopy(source), loader))
+    with pytest.raises(ValueError, match="TentAdapter: compile must be"):
+        TentAdapter(tiny(), compile="yes")

@@ -45,7 +45,8 @@ the dataloader a test or predict step got.
 Items are ``(image, label)``: float32 (3, 32, 32) in [0, 1], or normalised with ``mean`` / ``std`` when
 ``normalize`` (the default leaves normalisation to the model, as robustbench's models do). They come in file
 order, or in one fixed seeded order with ``shuffle`` (needed for class-sorted clean sources such as
-``test_jpeg_q75.npz``: a warning says so).
+``test_jpeg_q75.npz``: a warning says so). The loaders read each batch at once (one gather from the memory map,
+``CIFAR10CDataset.get_batch``), giving the tensors the items one by one would collate to.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from reprozoo._files import data_path, offline, sha256_file, write_atomic
+from reprozoo.datamodules._base import BatchFetch, collate
 from reprozoo.datamodules._splits import is_int
 from reprozoo.datamodules.cifar10c_files import (
     ARCHIVE_NAME,
@@ -160,6 +162,24 @@ class CIFAR10CDataset(Dataset):
         if self.mean is not None:
             x = x.sub_(self.mean).div_(self.std)
         return x, self._labels[index]
+
+    def get_batch(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """``[images (B, 3, 32, 32) float32, labels (B,) long]`` of ``indices`` in one read: what the items one by one
+        collate to (same values, contiguous), without B item reads and a stack. :class:`BatchFetch` calls it."""
+        n = len(self.rows)
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(index) and not (-n <= index.min() and index.max() < n):
+            bad = index[(index < -n) | (index >= n)][0]
+            raise IndexError(f"index {bad} is out of range for {n} items")
+        pixels = np.asarray(self.images[self.rows[index]])  # (B, 32, 32, 3) uint8; one gather from the memory map
+        # Layout, type and scale in one numpy pass (single-threaded: no thread start-up for a batch this small); the
+        # float32 division by 255 is correctly rounded, so the values are those of the items' torch ``div_(255)``.
+        x = np.empty((len(index), 3, *pixels.shape[1:3]), dtype=np.float32)
+        np.divide(pixels.transpose(0, 3, 1, 2), np.float32(255), out=x, dtype=np.float32)
+        x = torch.from_numpy(x)
+        if self.mean is not None:
+            x = x.sub_(self.mean).div_(self.std)
+        return [x, self.labels[torch.from_numpy(index)]]
 
 
 # ----------------------------------------------------------------------------------------------- the datamodule
@@ -546,8 +566,13 @@ class CIFAR10CDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         hp = self.hparams
+        # Batch-indexed: one read of the memory map per batch (CIFAR10CDataset.get_batch), not one per image.
         return DataLoader(
-            dataset, batch_size=hp.batch_size, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0
+            BatchFetch(dataset),
+            batch_size=hp.batch_size,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            collate_fn=collate,
         )
 
     def test_dataloader(self) -> list[DataLoader]:

@@ -41,9 +41,10 @@ from reprozoo._checks import CheckpointGuard, check_finite_loss
 from reprozoo._files import save_figure
 from reprozoo._validate import check
 from reprozoo._xla import warn_if_xla
+from reprozoo.methods._knn import KNNIndex, vote
 from reprozoo.zoo.registry import load_model, load_pretrained_into
 
-__all__ = ["NCAModule", "knn_predict", "nca_log_p", "nca_loss", "pca_directions", "lda_directions"]
+__all__ = ["KNNIndex", "NCAModule", "knn_predict", "nca_log_p", "nca_loss", "pca_directions", "lda_directions"]
 
 
 # ------------------------------------------------------------------------------------------------------- the loss
@@ -146,21 +147,16 @@ def knn_predict(
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Majority vote of the ``k`` nearest reference points (Euclidean) for each query (Q, D) -> (Q,) labels.
-    Ties go to the class whose members are nearer (votes weighted 1 + tiny * rank tie-break). Queries are
-    processed in chunks to bound memory."""
+    Ties go to the class whose members are nearer (:func:`reprozoo.methods._knn.vote`). Queries are processed in
+    chunks to bound memory. A plain exact search (``torch.cdist`` + ``topk``), the raw-space baseline; for a fixed
+    reference set of NCA codes, :class:`KNNIndex` is the search made for it (fp16 storage, faster, faiss)."""
     if not 1 <= k <= len(reference):
         raise ValueError(f"knn_predict: k must be in 1..{len(reference)} (the reference size), got {k}")
     out = []
     for start in range(0, len(queries), chunk):
         d = torch.cdist(queries[start : start + chunk], reference)  # (q, N)
         idx = d.topk(k, dim=1, largest=False).indices  # (q, k), nearest first
-        labels = reference_labels[idx]
-        # one vote each, plus a tie-breaker that favours nearer neighbours (smaller than one vote in total)
-        weights = 1.0 + 1e-3 * (k - torch.arange(k, device=queries.device)) / k
-        votes = torch.zeros(len(idx), num_classes, device=queries.device).scatter_add_(
-            1, labels, weights.expand_as(labels).contiguous()
-        )
-        out.append(votes.argmax(dim=1))
+        out.append(vote(reference_labels[idx], num_classes))
     return torch.cat(out)
 
 

@@ -117,7 +117,8 @@ class TentModule(CheckpointGuard, L.LightningModule):
     and ``test/entropy/<domain>`` (mean softmax entropy of the scored predictions, nats); at the end
     ``test/error_mean`` and ``test/entropy_mean`` (unweighted means over domains). :attr:`results` holds the rows;
     ``<log_dir>/tent/summary.md``, ``summary.csv`` and ``error_per_domain.png`` are written on rank zero (``log_dir``:
-    the first logger's, else ``default_root_dir``), and the figure and table go to TensorBoard when it logs.
+    the first logger's, else ``default_root_dir``), and the figure and table go to TensorBoard when it logs, unless
+    ``write_summary=False``.
 
     The module does not train: ``trainer.fit`` raises. Lightning runs the test loop under inference mode; the
     adapter leaves it for its own forward and update, so the default ``Trainer(inference_mode=True)`` works.
@@ -127,10 +128,15 @@ class TentModule(CheckpointGuard, L.LightningModule):
         model: see :func:`load_classifier` (``nn.Module``, ``"robustbench:Standard"``, zoo name, weights file path).
         mode, lr, steps, episodic, optimizer, momentum, betas, weight_decay, nesterov, train_mode: the
             :class:`TentAdapter`'s (defaults: the official CIFAR-10-C settings).
+        channels_last, compile: the :class:`TentAdapter`'s speed options (off by default: on, the logits are
+            close to, not bitwise equal to, the official code's; see docs/tent.md, "Speed").
         reset: ``"each_domain"`` or ``"never"``.
         domains: names of the test dataloaders; default: the datamodule's ``domains``, else ``domain0``, ...
         num_classes: defaults to ``model.num_classes``, else the last Linear layer's width.
         robustbench_dataset, robustbench_threat_model, robustbench_dir: for ``model="robustbench:<name>"``.
+        write_summary: write the summary files and figure at the end of every test run (default). False skips
+            them (and TensorBoard's copies): about 0.1 s per ``trainer.test`` call, mostly the PNG, that timed or
+            repeated runs need not pay; :attr:`results` and the logged metrics are the same.
     """
 
     def __init__(
@@ -152,6 +158,9 @@ class TentModule(CheckpointGuard, L.LightningModule):
         robustbench_dataset: str = "cifar10",
         robustbench_threat_model: str = "corruptions",
         robustbench_dir: str | None = None,
+        write_summary: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         check(
@@ -162,6 +171,7 @@ class TentModule(CheckpointGuard, L.LightningModule):
             "an nn.Module, 'robustbench:<name>', a zoo entry, a weights file or a registered net name",
         )
         check(reset in _RESETS, "TentModule", "reset", reset, "'each_domain' or 'never'")
+        check(isinstance(write_summary, bool), "TentModule", "write_summary", write_summary, "True or False")
         check(
             domains is None or (len(set(map(str, domains))) == len(domains)),
             "TentModule",
@@ -202,6 +212,8 @@ class TentModule(CheckpointGuard, L.LightningModule):
             weight_decay=weight_decay,
             nesterov=nesterov,
             train_mode=train_mode,
+            channels_last=channels_last,
+            compile=compile,
         )
         self.domain_metrics = nn.ModuleList()
         self.domain_names: list[str] = []
@@ -307,6 +319,8 @@ class TentModule(CheckpointGuard, L.LightningModule):
         mean_entropy = sum(r["entropy"] for r in rows) / len(rows)
         self.log("test/error_mean", mean_error, add_dataloader_idx=False)
         self.log("test/entropy_mean", mean_entropy, add_dataloader_idx=False)
+        if not self.hparams.write_summary:
+            return
         # trainer.log_dir broadcasts from rank zero: read it on every rank, outside the rank-zero function.
         root = self.trainer.log_dir or self.trainer.default_root_dir
         self._write_summary(Path(root) / "tent", rows, mean_error, mean_entropy)
