@@ -1,21 +1,27 @@
-"""LossLandscape speed: the same 21 x 21 grid evaluated by the callback (each data batch read once; grid points
-batched with ``vmap``, or one at a time, or ``auto``: timed and the faster kept) and by the classic point-by-point
-loop of the loss-landscape tools (write the weights of one point into the model, run a full pass over the data
-loader, restore), side by side in one process, on a small CNN with BatchNorm and on an MLP; then the per-step
-overhead of ``FrobeniusNormMonitor(every_n_steps=1)`` on a training loop, against the same loop without it.
+"""LossLandscape speed against the machine's limit: per net (a tiny conv net, the CIFAR CNN with BatchNorm, a
+ResNet-20, an MLP) the time per grid point of the callback (``loop``: one point at a time; ``vmap``: chunks of points
+batched; ``auto``: both timed on the first batch, the faster kept) and of the classic point-by-point loop of the
+loss-landscape tools (write the weights of one point into the model, run a full pass over the data loader, restore),
+against the LIMIT = points x one eval forward over the same batches (model in eval mode, ``no_grad``, the batches
+already in memory, nothing else), all in one process, in alternating rounds (A B C, C B A, ...).
 
-Rows: ``classic loop`` re-reads the loader at every point (items converted from uint8 as torchvision's
-``ToTensor`` + ``Normalize`` do); ``loop, batches read once`` is the same loop over batches kept in memory (what
-the callback's own loop does); then the callback in each mode. Speed-ups are against the classic loop.
+Columns: ms per grid point (fastest and median round), ``limit/ours`` (1.0 = as fast as the bare forwards; above 1
+when vmap batches points into fewer, larger kernels), the speed-up over the classic loop, the largest relative
+difference of the surface from the classic loop's, and the goal: ``limit/ours >= 0.9`` on the compute-bound nets
+(CNN, ResNet-20), ``>= 5x`` the classic loop on the small, overhead-bound ones (tiny conv, MLP); for ``auto``, the
+mode it chose and the cost of deciding (the probe's time on the path it did not choose, its values thrown away) as a % of the grid
+(goal <= 5 %). The classic loop re-reads the loader at every point (items converted from uint8 as torchvision's
+``ToTensor`` + ``Normalize`` do).
 
 Data: the first ``--batches`` x ``--batch`` real CIFAR-10 test images of ``test_jpeg_q75.npz`` in ``--data-dir``
 (default ``$REPROZOO_DATA/cifar10``); the script stops when that file is not there, unless ``--random-images``
 asks for seeded random images of the same shape instead (the timings do not depend on the pixels; the output then
-says "random images, not real data").
+says "random images, not real data"). The nets are randomly initialised (seed 0): the cost does not depend on the
+weights. ``--sizes NET=RESxBATCHES`` sizes one net's grid and batches apart from ``--resolution`` / ``--batches``.
 
-    python benchmarks/landscape_speed.py                 # 21 x 21, 4 batches of 128, CNN and MLP, chunk 32
-    python benchmarks/landscape_speed.py --chunks 8 32 64 --resolution 11
-    python benchmarks/landscape_speed.py --skip-frobenius
+    python benchmarks/landscape_speed.py                 # 21 x 21, 4 batches of 128 (ResNet-20: 11 x 11, 2), 3 rounds
+    python benchmarks/landscape_speed.py --resolution 11 --batches 2 --sizes cnn=7x1 resnet20=3x1 --rounds 2
+    python benchmarks/landscape_speed.py --nets cnn mlp --chunks 8 32 64
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,14 +36,15 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from _common import shown, stop_missing_data
-from torch.utils.data import DataLoader, TensorDataset
+from _common import goal_line, shown, stop_missing_data
+from torch.utils.data import DataLoader
 
 from reprozoo._files import data_path, data_root
 from reprozoo.callbacks import LossLandscape
 from reprozoo.callbacks.landscape import random_directions
 from reprozoo.methods.classifier import ClassifierModule
 from reprozoo.nets import MLP, ConvNet
+from reprozoo.nets.resnet import resnet20
 
 NPZ = "test_jpeg_q75.npz"
 
@@ -72,11 +78,36 @@ def _images(n: int, npz: Path | None) -> tuple[_Uint8Images, str]:
     return _Uint8Images(x, y), source
 
 
-def _models() -> dict[str, ClassifierModule]:
+# name -> (label, compute-bound?): the goal is limit/ours >= 0.9 for the compute-bound nets, >= 5x the classic
+# loop for the others, whose forwards are short enough that a loop is bound by its per-point overhead.
+NETS = {
+    "tiny": ("tiny conv", False),
+    "cnn": ("CNN (BatchNorm)", True),
+    "resnet20": ("ResNet-20", True),
+    "mlp": ("MLP (dropout)", False),
+}
+
+
+def _model(name: str) -> ClassifierModule:
     torch.manual_seed(0)
-    cnn = ConvNet(in_channels=3, num_classes=10, channels=(16, 32), layers_per_block=2, pool_every=2, hidden=(64,))
-    mlp = MLP(in_features=3 * 32 * 32, num_classes=10, hidden=(256, 128), dropout=0.2)
-    return {"CNN (BatchNorm)": ClassifierModule(cnn), "MLP (dropout)": ClassifierModule(mlp)}
+    if name == "tiny":  # two strided convs and a linear head: about 0.13 M multiply-adds per image
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(16, 10),
+        )
+        return ClassifierModule(net, num_classes=10)
+    if name == "cnn":
+        return ClassifierModule(
+            ConvNet(in_channels=3, num_classes=10, channels=(16, 32), layers_per_block=2, pool_every=2, hidden=(64,))
+        )
+    if name == "resnet20":
+        return ClassifierModule(resnet20())
+    return ClassifierModule(MLP(in_features=3 * 32 * 32, num_classes=10, hidden=(256, 128), dropout=0.2))
 
 
 def _trainer() -> L.Trainer:
@@ -108,115 +139,162 @@ def loop_landscape(model: ClassifierModule, batches, resolution: int, span: floa
     return out
 
 
-def landscape_table(args: argparse.Namespace) -> None:
-    dataset, source = _images(args.batches * args.batch, None if args.random_images else args.data_dir / NPZ)
-    loader = DataLoader(dataset, batch_size=args.batch)
+def forward_pass(model: ClassifierModule, batches: list) -> float:
+    """Seconds of one eval forward (the loss the callback plots) over ``batches`` already in memory: the limit's
+    unit, what a grid point costs with no overhead at all."""
+    model.eval()
+    with torch.no_grad():
+        start = time.perf_counter()
+        for batch in batches:
+            model.loss(batch)["loss"]
+        return time.perf_counter() - start
+
+
+def _net_rounds(name: str, args: argparse.Namespace, dataset) -> None:
+    label, compute_bound = NETS[name]
+    resolution, n_batches = args.sizes.get(name, (args.resolution, args.batches))
+    points = resolution**2
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(n_batches * args.batch)), batch_size=args.batch)
     batches = list(loader)
-    points = args.resolution**2
-    print(
-        f"Loss landscape {args.resolution} x {args.resolution} = {points} points, span {args.span}, on {source}, "
-        f"{args.batches} batches of {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    print(f"{'model':<18} {'params':>9} {'method':<28} {'seconds':>8} {'ms/point':>9} {'speed-up':>9}  max |diff|")
+    model = _model(name)
+    n_params = sum(p.numel() for p in model.parameters())
 
-    def row(name: str, n_params: str, method: str, s: float, classic_s: float, diff: str = "") -> None:
-        print(
-            f"{name:<18} {n_params:>9} {method:<28} {s:>8.2f} {1000 * s / points:>9.2f} {classic_s / s:>8.1f}x  {diff}"
+    def callback(mode: str, chunk: int) -> LossLandscape:
+        return LossLandscape(
+            resolution=resolution,
+            span=args.span,
+            seed=args.seed,
+            num_batches=n_batches,
+            chunk_size=chunk,
+            mode=mode,
+            progress=False,
         )
 
-    for name, model in _models().items():
-        n_params = f"{sum(p.numel() for p in model.parameters()):,}"
-        start = time.perf_counter()
-        reference = loop_landscape(model, loader, args.resolution, args.span, args.seed)
-        classic_s = time.perf_counter() - start
-        row(name, n_params, "classic loop (loader/point)", classic_s, classic_s)
-        start = time.perf_counter()
-        cached = loop_landscape(model, batches, args.resolution, args.span, args.seed)
-        row(
-            "",
-            "",
-            "loop, batches read once",
-            time.perf_counter() - start,
-            classic_s,
-            f"{float(np.abs(cached - reference).max()):.1e}",
-        )
-        for mode, chunk in [("loop", args.chunks[0])] + [("vmap", c) for c in args.chunks] + [("auto", args.chunks[0])]:
-            cb = LossLandscape(
-                resolution=args.resolution,
-                span=args.span,
-                seed=args.seed,
-                num_batches=args.batches,
-                chunk_size=chunk,
-                mode=mode,
-                progress=False,
-            )
+    methods = ["limit", "classic"] + ["loop"] + [f"vmap {c}" for c in args.chunks] + ["auto"]
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    diffs: dict[str, float] = {}
+    chosen, waste = [], []
+    reference = None
+    forward_pass(model, batches)  # warm-up
+    for r in range(args.rounds):
+        for method in methods if r % 2 == 0 else methods[::-1]:
+            if method == "limit":  # the fastest of a few passes, times the points
+                times[method].append(points * min(forward_pass(model, batches) for _ in range(args.passes)))
+                continue
             start = time.perf_counter()
-            result = cb.compute(_trainer(), model, dataloader=loader)
-            s = time.perf_counter() - start
-            label = {"loop": "LossLandscape loop", "vmap": f"LossLandscape vmap, chunk {chunk}"}.get(
-                mode, f"LossLandscape auto -> {cb.used_mode}"
+            if method == "classic":
+                surface = loop_landscape(model, loader, resolution, args.span, args.seed)
+                seconds = time.perf_counter() - start
+                reference = surface if reference is None else reference
+            else:
+                mode, _, chunk = method.partition(" ")
+                cb, trainer = callback(mode, int(chunk) if chunk else args.chunks[0]), _trainer()
+                start = time.perf_counter()
+                surface = cb.compute(trainer, model, dataloader=loader)["loss"]
+                seconds = time.perf_counter() - start
+                if mode == "auto":
+                    chosen.append(cb.used_mode)
+                    if cb.timings:
+                        waste.append(100 * cb.timings["wasted_seconds"] / seconds)
+            times[method].append(seconds)
+            if reference is not None:  # relative: a randomly initialised ResNet's losses are in the thousands
+                diff = float((np.abs(surface - reference) / np.abs(reference)).max())
+                diffs[method] = max(diffs.get(method, 0.0), diff)
+    limit = statistics.median(times["limit"]) / points
+    classic = statistics.median(times["classic"]) / points
+    head = f"{label} ({n_params:,} params), {resolution} x {resolution} = {points} points, {n_batches} x {args.batch}"
+    print(f"\n{head}")
+    print(
+        f"{'method':<32} {'ms/point best':>13} {'median':>8} {'limit/ours':>10} {'vs classic':>10} "
+        f"{'max rel diff':>12}  goal"
+    )
+    for method in methods:
+        best, median = min(times[method]) / points, statistics.median(times[method]) / points
+        text = {"limit": "LIMIT (eval forwards only)", "classic": "classic loop (loader/point)"}.get(
+            method, f"LossLandscape {method}"
+        )
+        goal = ""
+        if method == "auto":
+            text = f"LossLandscape auto -> {'/'.join(sorted(set(chosen)))}"
+        if method not in ("limit", "classic"):
+            if compute_bound:
+                goal = f">= 0.9 of limit: {'yes' if limit / median >= 0.9 else 'no'}"
+            else:
+                goal = f">= 5x classic: {'yes' if classic / median >= 5 else 'no'}"
+        diff = f"{diffs[method]:.1e}" if method in diffs else "-"
+        print(
+            f"{text:<32} {1000 * best:>13.2f} {1000 * median:>8.2f} {limit / median:>10.2f} "
+            f"{classic / median:>9.1f}x {diff:>12}  {goal}"
+        )
+    if waste:
+        print(
+            f"  auto: deciding cost {min(waste):.1f} % (best) / {statistics.median(waste):.1f} % (median) of the grid "
+            f"(goal <= 5 %: {'yes' if statistics.median(waste) <= 5 else 'no'}); chose {', '.join(chosen)}"
+        )
+    auto = statistics.median(times["auto"]) / points
+    if compute_bound:
+        print(goal_line(f"LossLandscape auto, {name}: limit / ours (median)", limit / auto, 0.9))
+    else:
+        print(goal_line(f"LossLandscape auto, {name}: classic loop / ours (median)", classic / auto, 5))
+    if waste:
+        print(
+            goal_line(
+                f"LossLandscape auto, {name}: cost of deciding", statistics.median(waste), 5, unit=" %", at_most=True
             )
-            row("", "", label, s, classic_s, f"{float(np.abs(result['loss'] - reference).max()):.1e}")
-            if mode == "auto" and cb.timings:
-                t = cb.timings
-                print(
-                    f"{'':<18} {'':>9}   (auto measured vmap {t['vmap_ms_per_point']:.2f} / loop "
-                    f"{t['loop_ms_per_point']:.2f} ms per point and batch)"
-                )
+        )
 
 
-def frobenius_table(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import frobenius_overhead  # the overhead benchmark of the monitor, run here with its defaults
-
-    fargs = argparse.Namespace(
-        width=512, depth=4, batch=256, steps=args.frobenius_steps, rounds=args.frobenius_rounds, every=1, grad=False
-    )
-    data = TensorDataset(torch.randn(fargs.batch * fargs.steps, fargs.width), torch.randn(fargs.batch * fargs.steps, 1))
-    loader = DataLoader(data, batch_size=fargs.batch)
-    frobenius_overhead.run(loader, argparse.Namespace(**{**vars(fargs), "steps": 20}), monitored=True)  # warm-up
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for r in range(fargs.rounds):
-        for monitored in (False, True) if r % 2 == 0 else (True, False):
-            times[monitored].append(frobenius_overhead.run(loader, fargs, monitored))
+def landscape_table(args: argparse.Namespace) -> None:
+    most = max([args.batches] + [nb for _, nb in args.sizes.values()]) * args.batch
+    dataset, source = _images(most, None if args.random_images else args.data_dir / NPZ)
     print(
-        f"\nFrobeniusNormMonitor(every_n_steps=1) on a 4 x 512 MLP, batch 256, {fargs.steps} steps, {fargs.rounds} "
-        "rounds alternating with and without it (fastest and median round):"
+        f"Loss landscape, span {args.span}, on {source}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads; {args.rounds} alternating rounds; ratios on the median rounds (limit: the fastest of "
+        f"{args.passes} passes per round)"
     )
-    base_min, mon_min = min(times[False]), min(times[True])
-    base_med, mon_med = statistics.median(times[False]), statistics.median(times[True])
-    print(f"  without: min {base_min:.2f} s, median {base_med:.2f} s ({1000 * base_min / fargs.steps:.2f} ms/step)")
-    print(f"  with:    min {mon_min:.2f} s, median {mon_med:.2f} s ({1000 * mon_min / fargs.steps:.2f} ms/step)")
-    print(
-        f"  overhead: {100 * (mon_min - base_min) / base_min:+.1f} % (fastest rounds), "
-        f"{100 * (mon_med - base_med) / base_med:+.1f} % (medians); measurement alone "
-        f"{frobenius_overhead.measurement_ms(fargs):.3f} ms per step"
-    )
+    for name in args.nets:
+        _net_rounds(name, args, dataset)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=data_path, default=None, help="default: $REPROZOO_DATA/cifar10")
     parser.add_argument("--random-images", action="store_true", help=f"seeded random images instead of {NPZ}")
-    parser.add_argument("--resolution", type=int, default=21)
+    parser.add_argument("--resolution", type=int, default=21, help="grid points per axis (small nets)")
     parser.add_argument("--span", type=float, default=1.0)
-    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=4, help="batches per point (small nets)")
+    parser.add_argument(
+        "--sizes",
+        nargs="*",
+        default=["resnet20=11x2"],
+        metavar="NET=RESxBATCHES",
+        help="per-net grid and batches (default: resnet20=11x2; the others --resolution and --batches)",
+    )
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[32])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[32], help="vmap chunk sizes (auto: the first)")
+    parser.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=5, help="forward passes per round for the limit")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-frobenius", action="store_true")
-    parser.add_argument("--frobenius-steps", type=int, default=300)
-    parser.add_argument("--frobenius-rounds", type=int, default=5)
     args = parser.parse_args()
     args.data_dir = args.data_dir or data_root() / "cifar10"
+    sizes = {}
+    for item in args.sizes:
+        net, _, size = item.partition("=")
+        res, _, nb = size.partition("x")
+        if net not in NETS or not res.isdigit() or not nb.isdigit():
+            parser.error(f"--sizes takes NET=RESxBATCHES with NET in {list(NETS)}, got {item!r}")
+        sizes[net] = (int(res), int(nb))
+    args.sizes = sizes
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.random_images and not (args.data_dir / NPZ).is_file():
         stop_missing_data("landscape_speed.py", [NPZ], args.data_dir, other_fix="run with --random-images")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     landscape_table(args)
-    if not args.skip_frobenius:
-        frobenius_table(args)
 
 
 if __name__ == "__main__":

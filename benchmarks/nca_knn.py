@@ -44,7 +44,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _common import MNIST_TEST_FILES, ROOT, missing_idx_files, quiet_lightning, stop_missing_data
+from _common import MNIST_TEST_FILES, ROOT, goal_line, missing_idx_files, quiet_lightning, stop_missing_data
 
 from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.datamodules import FashionMNISTDataModule
@@ -217,9 +217,12 @@ def search_table(args: argparse.Namespace, data: dict) -> list[str]:
     raw_err = (preds[raw_name] != q_y).float().mean().item()
     proj_s = best["projection"]
     rows = []
+    fastest: tuple[float, float, str] | None = None  # (speed-up, smaller, name) of the fastest at no worse error
     for name, nbytes, _ in searches:
         err = (preds[name] != q_y).float().mean().item()
         speed, smaller = raw_s / best[name], raw_bytes / nbytes
+        if name != raw_name and err <= raw_err and (fastest is None or speed > fastest[0]):
+            fastest = (speed, smaller, name.removeprefix("NCA 32-d: "))
         if name == raw_name:
             rows.append(
                 f"| {name} | {100 * err:.2f} % | {1000 * raw_s:.1f} ({1000 * statistics.median(times[name]):.1f}) "
@@ -254,6 +257,15 @@ def search_table(args: argparse.Namespace, data: dict) -> list[str]:
         "smaller (goal 25x) | goals met |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        *(
+            []
+            if fastest is None
+            else [
+                goal_line(f"NCA 5-NN search vs raw 784-d exact, speed-up of {fastest[2]}", fastest[0], 50),
+                goal_line(f"NCA 5-NN search vs raw 784-d exact, storage ratio of {fastest[2]}", fastest[1], 25),
+            ]
+        ),
     ]
 
 

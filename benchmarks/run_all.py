@@ -66,11 +66,11 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     ),
     "frobenius_overhead": (
         "FrobeniusNormMonitor overhead per training step, MLPs and CNNs, every 1 and 50 steps",
-        ["--steps", "100", "--rounds", "3"],
+        ["--steps", "50", "--rounds", "3"],
     ),
     "landscape_speed": (
-        "LossLandscape: batched / looped / classic grid evaluation",
-        ["--resolution", "11", "--batches", "2", "--skip-frobenius"],
+        "LossLandscape per net: time per grid point against the forward-only limit and the classic point loop",
+        ["--resolution", "11", "--batches", "2", "--sizes", "cnn=7x1", "resnet20=3x1", "--rounds", "2"],
     ),
     "memorization": (
         "Memorization: BigAnimalNet on real, partly and fully random AFHQ labels",

@@ -260,7 +260,15 @@ def test_fallback_is_logged_and_matches_vmap_of_an_equivalent_module(tmp_path, c
     np.testing.assert_allclose(looped["accuracy"], batched["accuracy"], atol=1e-6)
     auto = LossLandscape(resolution=5, num_batches=2, chunk_size=7, progress=False)
     chosen = auto.compute(trainer, plain, dataloader=loader)  # vmap can run it: timed against the loop
-    assert auto.used_mode in ("vmap", "loop") and set(auto.timings) == {"vmap_ms_per_point", "loop_ms_per_point"}
+    assert auto.used_mode in ("vmap", "loop")
+    assert set(auto.timings) == {
+        "vmap_ms_per_point",
+        "loop_ms_per_point",
+        "vmap_chunk_size",
+        "probe_seconds",
+        "wasted_seconds",
+    }
+    assert 0 <= auto.timings["wasted_seconds"] <= auto.timings["probe_seconds"]
     assert auto.used_mode == min(("vmap", "loop"), key=lambda m: auto.timings[f"{m}_ms_per_point"])
     np.testing.assert_allclose(chosen["loss"], batched["loss"], rtol=1e-5)
     # Decided once: a later compute neither times again nor switches (surfaces of two epochs agree to the bit where
@@ -425,3 +433,148 @@ def test_weights_restored_when_the_objective_raises(tmp_path):
         cb.compute(_trainer(tmp_path, []), model, dataloader=DataLoader(_data(), batch_size=BATCH))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert model.training and "log" not in model.__dict__
+
+
+class MixedNet(L.LightningModule):
+    """A float32 layer and a bfloat16 one: the loop writes each point's weights per dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(36, 8)
+        self.b = nn.Linear(8, 3).to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.flatten(1))).bfloat16()).float()
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def test_loop_writes_the_hand_built_weights_bit_for_bit(tmp_path):
+    """Every point's weights as the objective sees them in the loop are ``theta + a d1 + b d2`` computed by hand in
+    float32 and rounded to the parameter's dtype once; the loss at each point is the module's loss at those weights;
+    the weights are the saved ones afterwards."""
+    torch.manual_seed(0)
+    model = MixedNet()
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []
+
+    def recording(module, batch):
+        seen.append({n: p.detach().clone() for n, p in module.named_parameters()})
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    cb = LossLandscape(resolution=3, span=0.7, num_batches=1, mode="loop", loss_fn=recording, progress=False)
+    loader = DataLoader(_data(), batch_size=BATCH)
+    result = cb.compute(_trainer(tmp_path, []), model, dataloader=loader)
+    d1, d2 = result["directions"]
+    assert len(seen) == 9 and all(torch.equal(theta[n], p.detach()) for n, p in model.named_parameters())
+    x, y = next(iter(loader))
+    for i, (yy, xx) in enumerate((yy, xx) for yy in result["y"] for xx in result["x"]):
+        a, b = torch.tensor(xx, dtype=torch.float32), torch.tensor(yy, dtype=torch.float32)
+        moved = copy.deepcopy(model)
+        for n, p in moved.named_parameters():
+            w = theta[n].float() + a * d1[n].float()
+            w = w + b * d2[n].float()
+            assert torch.equal(seen[i][n], w.to(theta[n].dtype)), (i, n)
+            p.data.copy_(w.to(p.dtype))
+        with torch.no_grad():
+            expected = F.cross_entropy(moved.eval()(x), y).item()
+        assert result["loss"].reshape(-1)[i] == pytest.approx(expected, rel=1e-6)
+
+
+class _FakeClock:
+    """Stands in for ``time`` in the evaluation module: the objective advances it, by ``vmap_cost`` per vmapped call
+    and by 1 per point of the loop, so the "auto" probe sees chosen speeds."""
+
+    def __init__(self, vmap_cost: float):
+        self.now, self.vmap_cost, self.calls = 0.0, vmap_cost, {"vmap": 0, "loop": 0}
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def objective(self, reference: torch.Tensor):
+        def fn(module, batch):
+            kind = "loop" if module.out.weight is reference else "vmap"  # functional_call swaps the parameter
+            self.calls[kind] += 1
+            self.now += 1.0 if kind == "loop" else self.vmap_cost
+            return F.cross_entropy(module(batch[0]), batch[1])
+
+        return fn
+
+
+@pytest.mark.parametrize("vmap_cost, chosen", [(1.5, "vmap"), (10.0, "loop")])
+def test_auto_probe_is_reused_and_capped(tmp_path, monkeypatch, vmap_cost, chosen):
+    """``auto`` chooses by the probe's timings, keeps the chosen path's probe values (no point and batch of it is
+    evaluated twice), spends on the other path at most the budget (5 % of the grid at the loop's speed), and its
+    surface is the chosen mode's."""
+    from reprozoo.callbacks import _landscape_eval
+
+    torch.manual_seed(0)
+    model = SmallNet()
+    clock = _FakeClock(vmap_cost)
+    monkeypatch.setattr(_landscape_eval, "time", clock)
+    trainer, loader = _trainer(tmp_path, []), DataLoader(_data(), batch_size=BATCH)
+    settings = dict(resolution=11, num_batches=2, progress=False, loss_fn=clock.objective(model.out.weight))
+    auto = LossLandscape(**settings)
+    result = auto.compute(trainer, model, dataloader=loader)
+    assert auto.used_mode == chosen
+    t = auto.timings
+    assert t["loop_ms_per_point"] == pytest.approx(1000.0)
+    points, batches = 121, 2
+    if chosen == "loop":  # the vmap warm-up (10) fits the budget (0.05 * 121 * 2 = 12.1), a second call would not
+        assert t["vmap_ms_per_point"] == pytest.approx(10000.0) and t["wasted_seconds"] == pytest.approx(10.0)
+        assert clock.calls == {"vmap": 1, "loop": points * batches}
+    else:  # 1.5 s per call: vmap wins at a chunk of 2 (0.75 s per point), then doubles to chunk_size for free
+        assert auto._vmap_bounds == [0, 3, 4, 6, 10, 18, 34, 66] and t["vmap_chunk_size"] == 32
+        assert t["vmap_ms_per_point"] == pytest.approx(1500.0 / 32) and t["wasted_seconds"] == pytest.approx(3.0)
+        probe_chunks, rest = 6, len(range(66, points, 32))
+        # each probe chunk once per batch; the loop's three points and the rest of the grid on every batch
+        assert clock.calls == {"vmap": probe_chunks * batches + (1 + rest) * batches, "loop": 3}
+    assert t["wasted_seconds"] <= 0.05 * points * batches * 1.0
+    reference = LossLandscape(**{**settings, "mode": chosen}).compute(trainer, model, dataloader=loader)
+    if chosen == "loop":  # one point at a time: the same values whatever the chunks
+        np.testing.assert_array_equal(result["loss"], reference["loss"])
+    else:
+        np.testing.assert_allclose(result["loss"], reference["loss"], rtol=1e-6)
+    again = auto.compute(trainer, model, dataloader=loader)  # decided: same chunks, same values
+    np.testing.assert_array_equal(again["loss"], result["loss"])
+
+
+def test_stochastic_objective_sees_the_same_noise_at_every_point(tmp_path):
+    """Common random numbers: the objective's draws restart from ``seed`` at every point and batch, in both modes,
+    so a loss plus a random draw is the loss plus the seed's first draw; the global RNG is left as it was."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    noise = torch.Generator().manual_seed(3)
+    expected_noise = torch.rand((), generator=noise).item()
+
+    def noisy(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1]) + torch.rand(())
+
+    loader = DataLoader(_data(), batch_size=BATCH)
+    surfaces = {}
+    for mode in ("loop", "vmap"):
+        rng = torch.get_rng_state()
+        cb = LossLandscape(dim=1, resolution=3, num_batches=2, seed=3, mode=mode, loss_fn=noisy, progress=False)
+        surfaces[mode] = cb.compute(_trainer(tmp_path, []), model, dataloader=loader)["loss"]
+        assert torch.equal(torch.get_rng_state(), rng)
+    plain = LossLandscape(dim=1, resolution=3, num_batches=2, seed=3, mode="loop", progress=False)
+    clean = plain.compute(_trainer(tmp_path, []), model, dataloader=loader)["loss"]
+    np.testing.assert_allclose(surfaces["loop"], clean + expected_noise, rtol=1e-6)
+    np.testing.assert_allclose(surfaces["vmap"], clean + expected_noise, rtol=1e-6)
+
+
+def test_auto_on_a_small_grid_loops_without_probing_vmap(tmp_path, monkeypatch):
+    """Fewer than 40 points x batches cannot pay for vmap's first point within 5 % of the grid: the loop, which has
+    evaluated its probe points already, goes on; vmap is never called and every point and batch is evaluated once."""
+    from reprozoo.callbacks import _landscape_eval
+
+    torch.manual_seed(0)
+    model = SmallNet()
+    clock = _FakeClock(vmap_cost=0.1)
+    monkeypatch.setattr(_landscape_eval, "time", clock)
+    auto = LossLandscape(resolution=3, num_batches=2, progress=False, loss_fn=clock.objective(model.out.weight))
+    result = auto.compute(_trainer(tmp_path, []), model, dataloader=DataLoader(_data(), batch_size=BATCH))
+    assert auto.used_mode == "loop" and auto.timings is None
+    assert clock.calls == {"vmap": 0, "loop": 9 * 2}
+    assert np.isfinite(result["loss"]).all()

@@ -84,13 +84,19 @@ class LossLandscape(L.Callback):
     hooks move them to its device.
 
     **Evaluation.** ``mode="vmap"`` evaluates chunks of ``chunk_size`` grid points per forward; ``"loop"`` one
-    point at a time (still reading each batch once). ``"auto"`` (default) falls back to the loop, with a warning
-    saying why, when the module cannot be vmapped (data-dependent control flow, ``.item()`` calls, ...), and
-    otherwise times both on the first chunk of its first compute and keeps the faster for every later compute
-    (:attr:`timings`, logged; later surfaces are evaluated alike, bit for bit comparable): batching pays on
-    accelerators and for small, overhead-bound models, while on a CPU a compute-bound convolution runs slower
-    batched (see ``benchmarks/landscape_speed.py``). Under DDP the grid points are split across ranks and
-    gathered; every rank returns the full surface, rank zero writes the files.
+    point at a time (still reading each batch once), writing each point's weights into the parameters with a few
+    whole-buffer kernels (the base weights and directions are flattened once per compute, per device and dtype);
+    both build a point's weights with the same float operations, so they evaluate the same weights bit for bit.
+    ``"auto"`` (default) falls back to the loop, with a warning saying why, when the module cannot be vmapped
+    (data-dependent control flow, ``.item()`` calls, ...), and otherwise times both on the first batch of its first
+    compute and keeps the faster for every later compute (:attr:`timings`, logged; later surfaces are evaluated
+    alike, bit for bit comparable): the loop on three grid points, then vmap on chunks of 1, 2, 4, ... points, grown
+    while vmap is faster (its chunk size then the fastest measured, at most ``chunk_size``) or while vmap's probe
+    stays within 5 % of the grid's cost; the probe's values on the chosen path are kept, so deciding costs only the
+    other path's probe. A grid of fewer than 40 points x batches is evaluated with the loop without probing vmap.
+    Batching pays on accelerators and for small, overhead-bound models, while on a CPU a compute-bound convolution
+    runs slower batched (see ``benchmarks/landscape_speed.py``). Under DDP the grid points are split across ranks
+    and gathered; every rank returns the full surface, rank zero writes the files.
 
     **When and what.** At the end of training (``on_fit_end=True``) and every ``every_n_epochs`` training epochs,
     :meth:`compute` runs; its result is saved as ``<log_dir>/loss_landscape/epoch_<k>.npz`` (``x``, ``y`` for 2-d,
@@ -113,7 +119,7 @@ class LossLandscape(L.Callback):
         dataloader: ``"train"`` or ``"val"``.
         every_n_epochs: also compute after every N-th training epoch; None = only at the end.
         on_fit_end: compute once when training ends.
-        chunk_size: grid points per vmapped forward (memory grows with it).
+        chunk_size: grid points per vmapped forward (memory grows with it); ``"auto"`` may choose fewer.
         mode: ``"auto"``, ``"vmap"`` or ``"loop"`` (see Evaluation).
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` (or a mapping with ``"loss"``, ``"accuracy"``).
         accuracy_key: regular expression for the logged name that is the accuracy.
@@ -182,7 +188,13 @@ class LossLandscape(L.Callback):
         self.history: list[dict[str, Any]] = []
         self.last_result: dict[str, Any] | None = None
         self.used_mode: str | None = None  # "vmap" or "loop": what the last compute() ran
-        self.timings: dict[str, float] | None = None  # the "auto" mode's measurement, when it made one
+        # The "auto" mode's measurement, when it made one: vmap_ms_per_point and loop_ms_per_point (per point and
+        # batch; vmap's at the chunk size it chose), vmap_chunk_size, probe_seconds (the whole probe) and
+        # wasted_seconds (the probe on the path not chosen, whose values are not used).
+        self.timings: dict[str, float] | None = None
+        # "auto" choosing vmap: the chunk boundaries of its probe and the chunk size it measured best, kept after it
+        self._vmap_bounds: list[int] | None = None
+        self._vmap_chunk = chunk_size
         self._batches: list[Any] | None = None
         self._last_epoch = 0
         self._fallback_warned = False
