@@ -46,6 +46,18 @@ def stop_missing_data(script: str, files: Iterable[str], folder: Path, *, other_
     raise SystemExit(2)
 
 
+def cifar10_tent_files(script: str, data_dir: Path, depth: int) -> tuple[Path, Path]:
+    """The TENT benchmarks' inputs in ``data_dir``: the clean test images ``test_jpeg_q75.npz`` and the pretrained
+    ``pretrained/resnet<depth>-*.th``; stops (exit status 2, one line) naming the missing ones."""
+    clean_npz = data_dir / "test_jpeg_q75.npz"
+    weights = next(iter(sorted((data_dir / "pretrained").glob(f"resnet{depth}-*.th"))), None)
+    missing = [] if clean_npz.is_file() else [clean_npz.name]
+    missing += [] if weights else [f"pretrained/resnet{depth}-*.th"]
+    if missing:
+        stop_missing_data(script, missing, data_dir)
+    return clean_npz, weights
+
+
 def missing_idx_files(folder: Path, names: Iterable[str], torchvision_name: str) -> list[str]:
     """The official idx files among ``names`` (without ``.gz``) that the MNIST / Fashion-MNIST datamodule would not
     find in ``folder``: [] when all of them are there (flat) or all in torchvision's ``<torchvision_name>/raw``,

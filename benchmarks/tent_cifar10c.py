@@ -37,7 +37,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from _common import ROOT, quiet_lightning, shown, shown_command, stop_missing_data
+from _common import ROOT, cifar10_tent_files, quiet_lightning, shown, shown_command
 
 from reprozoo._files import data_path, data_root, save_figure, write_atomic
 from reprozoo.datamodules.cifar10c import CIFAR10CDataModule
@@ -123,12 +123,7 @@ def main() -> None:
     parser.add_argument("--no-grid", action="store_true", help="skip the lr x batch-size grid")
     args = parser.parse_args()
     args.data_dir = args.data_dir or data_root() / "cifar10"
-    clean_npz = args.data_dir / "test_jpeg_q75.npz"
-    weights = next(iter(sorted((args.data_dir / "pretrained").glob(f"resnet{args.depth}-*.th"))), None)
-    missing = [] if clean_npz.is_file() else [clean_npz.name]
-    missing += [] if weights else [f"pretrained/resnet{args.depth}-*.th"]
-    if missing:
-        stop_missing_data("tent_cifar10c.py", missing, args.data_dir)
+    clean_npz, weights = cifar10_tent_files("tent_cifar10c.py", args.data_dir, args.depth)
     bad = [s for s in args.severities if s not in (1, 2, 3, 4, 5)]
     if bad:
         parser.error(f"--severities must be in 1..5, got {bad}")

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _common import MISSING_DATA, goal_line, quiet_lightning, shown, stop_missing_data
+from _common import MISSING_DATA, cifar10_tent_files, goal_line, quiet_lightning, shown
 from torch.utils.data import DataLoader
 
 from reprozoo._files import data_path, data_root
@@ -143,12 +143,7 @@ def main() -> None:
         args.official = Path(os.environ["TENT_OFFICIAL"])
     official = _import_official(args.official)
     args.data_dir = args.data_dir or data_root() / "cifar10"
-    clean_npz = args.data_dir / "test_jpeg_q75.npz"
-    weights = next(iter(sorted((args.data_dir / "pretrained").glob(f"resnet{args.depth}-*.th"))), None)
-    missing = [] if clean_npz.is_file() else [clean_npz.name]
-    missing += [] if weights else [f"pretrained/resnet{args.depth}-*.th"]
-    if missing:
-        stop_missing_data("tent_vs_official.py", missing, args.data_dir)
+    clean_npz, weights = cifar10_tent_files("tent_vs_official.py", args.data_dir, args.depth)
     if min(args.images, args.batch, args.rounds, args.threads or 1) < 1:
         parser.error("--images, --batch, --rounds and --threads must be >= 1")
     quiet_lightning()
