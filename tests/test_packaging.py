@@ -16,7 +16,9 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 PACKAGE = ROOT / "reprozoo"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-OPTIONAL = {"robustbench", "autoattack"}  # the robustbench extra, imported only through reprozoo/zoo/_robustbench.py
+# The robustbench extra, imported only through reprozoo/zoo/_robustbench.py; the faiss extra, only through
+# reprozoo/methods/_knn.py (KNNIndex's faiss backends).
+OPTIONAL = {"robustbench", "autoattack", "faiss"}
 
 
 def _normalise(name: str) -> str:
@@ -53,6 +55,7 @@ def test_every_imported_package_is_declared():
 def test_optional_imports_have_their_extra():
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert "robustbench" in _requirement_names(extras["robustbench"])
+    assert "faiss-cpu" in _requirement_names(extras["faiss"])
 
 
 def test_the_typing_marker_ships():
