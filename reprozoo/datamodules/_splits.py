@@ -9,8 +9,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-NUM_CLASSES = 10
-
 
 def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted positions of ``n`` of ``labels`` keeping the class proportions: each class gets the floor of its share
@@ -28,15 +26,17 @@ def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.
 def balanced_pick(
     labels: np.ndarray, n: int, rng: np.random.Generator, what: str, classes: Sequence[str]
 ) -> np.ndarray:
-    """Sorted positions of ``n`` of ``labels``, ``n // 10`` per class and one more for ``n % 10`` classes drawn at
-    random; ValueError starting with ``what`` when a class has too few items."""
-    quotas = np.full(NUM_CLASSES, n // NUM_CLASSES)
-    quotas[rng.permutation(NUM_CLASSES)[: n % NUM_CLASSES]] += 1
+    """Sorted positions of ``n`` of ``labels`` (0 .. len(classes) - 1), ``n // len(classes)`` per class and one more
+    for ``n % len(classes)`` classes drawn at random; ValueError starting with ``what`` when a class has too few
+    items."""
+    k = len(classes)
+    quotas = np.full(k, n // k)
+    quotas[rng.permutation(k)[: n % k]] += 1
     picks = []
-    for c in range(NUM_CLASSES):
+    for c in range(k):
         pool = np.flatnonzero(labels == c)
         if len(pool) < quotas[c]:
-            counts = np.bincount(labels, minlength=NUM_CLASSES)
+            counts = np.bincount(labels, minlength=k)
             raise ValueError(
                 f"{what}: a class-balanced subset of {n} needs {quotas[c]} items of class {c} ({classes[c]}), "
                 f"but there are only {len(pool)} (per class: {counts.tolist()}, {len(labels)} in all)"

@@ -42,6 +42,7 @@ from torchvision.transforms import functional as TF
 
 from reprozoo._files import data_path, data_root, offline, publish, write_atomic
 from reprozoo.datamodules._base import _SplitsDataModule
+from reprozoo.datamodules._splits import balanced_pick
 
 CLASSES = ("cat", "dog", "wild")
 AFHQ_URL = "https://www.dropbox.com/s/t9l9o3vsx2jai3z/afhq.zip?dl=1"  # download.sh's URL, ?dl=1 = the file itself
@@ -198,24 +199,6 @@ def download_afhq(data_dir: str | os.PathLike, url: str = AFHQ_URL) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- subsets
-
-
-def balanced_subset(labels: np.ndarray, n: int, num_classes: int, rng: np.random.Generator, what: str) -> np.ndarray:
-    """Sorted indices of ``n`` items, ``n // num_classes`` per class and one more for ``n % num_classes`` classes
-    chosen at random; ValueError (starting with ``what``) when a class has too few items."""
-    quotas = np.full(num_classes, n // num_classes)
-    quotas[rng.permutation(num_classes)[: n % num_classes]] += 1
-    picks = []
-    for c in range(num_classes):
-        pool = np.flatnonzero(labels == c)
-        if len(pool) < quotas[c]:
-            counts = ", ".join(f"{CLASSES[k]} {int((labels == k).sum())}" for k in range(num_classes))
-            raise ValueError(
-                f"{what}: a class-balanced subset of {n} needs {quotas[c]} {CLASSES[c]} images, "
-                f"but there are only {counts}"
-            )
-        picks.append(rng.choice(pool, size=int(quotas[c]), replace=False))
-    return np.sort(np.concatenate(picks))
 
 
 def _holdout(labels: np.ndarray, fraction: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -429,14 +412,14 @@ class AnimalFacesDataModule(_SplitsDataModule):
             self.train_source = premade.name
 
         if hp.num_train is not None:
-            pick = balanced_subset(
-                train_labels, hp.num_train, len(CLASSES), np.random.default_rng((hp.seed, 1)), f"{name}: num_train"
+            pick = balanced_pick(
+                train_labels, hp.num_train, np.random.default_rng((hp.seed, 1)), f"{name}: num_train", CLASSES
             )
             train_paths = [train_paths[i] for i in pick]
             train_labels, true_labels = train_labels[pick], true_labels[pick]
         if hp.num_val is not None:
-            pick = balanced_subset(
-                val_labels, hp.num_val, len(CLASSES), np.random.default_rng((hp.seed, 2)), f"{name}: num_val"
+            pick = balanced_pick(
+                val_labels, hp.num_val, np.random.default_rng((hp.seed, 2)), f"{name}: num_val", CLASSES
             )
             val_paths = [val_paths[i] for i in pick]
             val_labels = val_labels[pick]
